@@ -1,0 +1,50 @@
+# Every target sets up what it needs: a fresh clone runs `make run` or `make test` directly.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MHA := $(VENV)/bin/mha
+REPO ?= models
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run export test lint fmt proto bench-export bench-serve image smoke clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt -e ".[cpu,export,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The main job on the embedded default model.
+run: $(STAMP)
+	$(MHA) export --repository $(REPO) --if-missing
+	$(MHA) serve --repository $(REPO)
+
+export: $(STAMP)
+	$(MHA) export --repository $(REPO)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy model export service
+
+fmt: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+proto: $(STAMP)
+	$(PY) -m mha.service.protogen
+
+bench-export: $(STAMP)
+	$(MHA) bench export --out bench-out/export
+
+bench-serve: $(STAMP)
+	$(MHA) bench serve --out bench-out/serve
+
+clean:
+	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""The `mha` command: one entry point, subcommands imported lazily.
+
+`mha serve` must never import torch, so each subcommand's module is imported only when
+that subcommand runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("mha.export.cli", "export a model to ONNX with one fused attention node"),
+    "serve": ("mha.service.cli_serve", "serve a model repository over the Open Inference Protocol"),
+    "infer": ("mha.service.cli_infer", "send an inference request to an OIP gRPC server"),
+    "bench": ("mha.bench_cli", "benchmarks: `mha bench export`, `mha bench serve`"),
+}
+
+
+class CliError(Exception):
+    """An error for a person: printed as one line, exit status 2, no traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser; subcommand modules fill in their own arguments."""
+    parser = argparse.ArgumentParser(prog="mha", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `mha` command line; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except CliError as err:
+        print(f"mha {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
