@@ -1,0 +1,103 @@
+"""Export settings in one place: targets, opsets, tolerances, dynamic axes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """One export target: the attention node it emits and the opset it needs."""
+
+    name: str
+    node: str  # "domain.OpType" of the fused node; "" for the decomposed target
+    opset: int
+    keeps_fused_weights: bool  # the fused node itself produces attention weights
+    description: str
+
+
+TARGETS: dict[str, Target] = {
+    "onnx": Target(
+        "onnx",
+        "Attention",
+        23,
+        True,  # qk_matmul_output_mode=3 returns softmax(QK^T/sqrt(d)) from the node itself
+        "ONNX Attention (opset 23): any runtime with opset 23",
+    ),
+    "ort": Target(
+        "ort",
+        "com.microsoft.MultiHeadAttention",
+        18,
+        False,  # its `qk` output is pre-softmax: weights need one Softmax on that output
+        "com.microsoft.MultiHeadAttention: ONNX Runtime only, fastest on CPU and CUDA",
+    ),
+    "none": Target("none", "", 18, False, "decomposed MatMul/Softmax (opset 18): any runtime"),
+}
+
+DTYPES = ("fp32", "fp16")
+
+# fp32: ORT and torch differ by accumulation order only, ~1e-7 on these sizes; 1e-5 leaves
+# room for long sequences without hiding a wrong mask (that shows up as ~1e-1).
+# fp16: the exported graph runs in half precision and is compared with fp32 eager; fp16
+# keeps ~3 decimal digits on values of order 1.
+TOLERANCE = {"fp32": 1e-5, "fp16": 1e-3}
+
+# Sizes of the example inputs that the graph is traced with. Parity is checked on other
+# shapes (validate.py), so a graph that specialised to these would fail there.
+EXPORT_SHAPE = {"B": 2, "L": 5, "S": 7}
+
+# Initializers above this size go to `model.onnx.data` (protobuf caps a file at 2 GiB).
+EXTERNAL_DATA_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and where. Weights: embedded default unless a source is given."""
+
+    repository: Path = Path("models")
+    name: str = "mha"
+    version: int = 1
+    target: str = "ort"
+    dtype: str = "fp32"
+    self_attention: bool = True
+    causal: bool = False
+    attention_weights: bool = False
+    # Weight sources (at most one): our safetensors, a BERT-style checkpoint, or seeded.
+    weights: Path | None = None
+    bert: Path | None = None
+    bert_layer: int = 0
+    d_model: int = 512
+    num_heads: int = 8
+    kdim: int | None = None
+    vdim: int | None = None
+    bias: bool = True
+    seed: int = 0
+    max_batch_size: int = 64
+    max_sequence_length: int = 4096
+    external_data: bool | None = None  # None = by size
+    extra_metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.weights is not None and self.bert is not None:
+            raise ValueError("give at most one weights source: --weights or --bert")
+        if self.causal and not self.self_attention:
+            raise ValueError("causal=True is defined for self-attention only (use --self)")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"model name {self.name!r} must be a plain folder name")
+        if self.version < 1:
+            raise ValueError(f"version must be >= 1, got {self.version}")
+        if self.max_batch_size < 1 or self.max_sequence_length < 1:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} and max_sequence_length="
+                f"{self.max_sequence_length} must be >= 1"
+            )
+
+    @property
+    def model_dir(self) -> Path:
+        """<repo>/<name>/<version>."""
+        return self.repository / self.name / str(self.version)
