@@ -75,3 +75,30 @@ def annotate_fused_outputs(model: onnx.ModelProto, elem_type: int) -> None:
         for name in node.output[1:]:
             if name and name not in known:
                 graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+
+
+def set_shape(value: onnx.ValueInfoProto, dims: list[str | int]) -> None:
+    """Replace a value's declared shape: str = named dynamic axis, int = fixed size."""
+    shape = value.type.tensor_type.shape
+    del shape.dim[:]
+    for d in dims:
+        dim = shape.dim.add()
+        if isinstance(d, str):
+            dim.dim_param = d
+        else:
+            dim.dim_value = d
+
+
+def name_io_axes(model: onnx.ModelProto, shapes: dict[str, list[str | int]]) -> None:
+    """Give graph inputs/outputs ARCHITECTURE.md's axis names (B, L, S).
+
+    The tracer names axes s0, s1, ... and ONNX shape inference of Attention's
+    qk_matmul_output leaves the key axis as 0, so the contract's shapes are written here.
+    """
+    for value in [*model.graph.input, *model.graph.output]:
+        if value.name in shapes:
+            set_shape(value, shapes[value.name])
+    names = {o.name for o in model.graph.output}
+    keep = [vi for vi in model.graph.value_info if vi.name not in names]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(keep)
