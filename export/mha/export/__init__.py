@@ -4,7 +4,7 @@ from mha.export.options import TARGETS, TOLERANCE, ExportOptions
 from mha.export.validate import ExportValidationError
 
 
-def export_model(*args, **kwargs):  # noqa: ANN002, ANN003
+def export_model(*args, **kwargs):
     """Lazy wrapper of mha.export.exporter.export_model (which imports torch)."""
     from mha.export.exporter import export_model as run
 

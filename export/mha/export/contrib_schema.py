@@ -33,7 +33,8 @@ def _attributes(schema) -> list[onnx.defs.OpSchema.Attribute]:
     return [
         onnx.defs.OpSchema.Attribute(
             a.name,
-            onnx.defs.OpSchema.AttrType(int(a.type)),
+            # pybind11 enums take their int value at runtime; the stub does not say so.
+            onnx.defs.OpSchema.AttrType(int(a.type)),  # type: ignore[call-arg]
             a.description,
             required=a.required,
         )

@@ -73,7 +73,9 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with the target's fused-op translation."""
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
     target = TARGETS[options.target]
-    graph = build_graph(module, options.self_attention, options.attention_weights, bool(target.node))
+    graph = build_graph(
+        module, options.self_attention, options.attention_weights, bool(target.node)
+    )
     args = example_inputs(module, options.self_attention, TORCH_DTYPE[options.dtype])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -202,7 +204,9 @@ def export_model(
             if module is not None
             else load_source(options, options.causal)
         )
-    with timer.step(2, f"trace with torch.onnx and emit {TARGETS[options.target].node or 'MatMul/Softmax'}"):
+    with timer.step(
+        2, f"trace with torch.onnx and emit {TARGETS[options.target].node or 'MatMul/Softmax'}"
+    ):
         model = trace(source, options)
     with timer.step(3, "check graph (onnx.checker, shape inference, fused node)"):
         failures = structure_failures(model, options)
@@ -232,8 +236,13 @@ def export_model(
             shutil.rmtree(staging, ignore_errors=True)
     final_files = [options.model_dir / f.name for f in files]
     return ExportResult(
-        options, options.model_dir, final_files, config, results,
-        time.perf_counter() - start, timer.seconds,
+        options,
+        options.model_dir,
+        final_files,
+        config,
+        results,
+        time.perf_counter() - start,
+        timer.seconds,
     )
 
 

@@ -42,7 +42,7 @@ class ExportGraph(nn.Module):
         out = self.mha.out_proj(heads)
         rows = rows_with_keys(key_padding_mask, self.mha.config.causal)
         out = torch.where(rows, out, torch.zeros_like(out))
-        if weights is None:
+        if not self.weights or weights is None:
             return (out,)
         weights = torch.where(rows.unsqueeze(1), weights, torch.zeros_like(weights))
         return out, weights

@@ -8,9 +8,7 @@ import torch
 from torch import Tensor
 
 
-def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, allowed: Tensor
-) -> tuple[Tensor, Tensor]:
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """Scaled dot-product attention with the project's fully-masked-row rule.
 
     Args:

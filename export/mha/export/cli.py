@@ -1,0 +1,139 @@
+"""`mha export`: export a model to ONNX with one fused attention node, validated.
+
+This module is imported by the `mha` dispatcher for every command, so it must not import
+torch at module level: the export machinery is imported inside run().
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mha.cli import CliError
+
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `mha export`."""
+    out = parser.add_argument_group("output")
+    out.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    out.add_argument("--name", default="mha", help="model name (folder)")
+    out.add_argument("--version", type=int, default=1, help="model version (folder)")
+    out.add_argument(
+        "--if-missing", action="store_true", help="do nothing when that version exists"
+    )
+    out.add_argument(
+        "--external-data",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="weights in model.onnx.data (auto: when over 256 MiB)",
+    )
+    graph = parser.add_argument_group("graph")
+    graph.add_argument(
+        "--attention-op",
+        "--target",
+        dest="target",
+        choices=("ort", "onnx", "none"),
+        default="ort",
+        help="ort: com.microsoft.MultiHeadAttention; onnx: ONNX Attention (opset 23); "
+        "none: decomposed MatMul/Softmax (opset 18)",
+    )
+    graph.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    kind = graph.add_mutually_exclusive_group()
+    kind.add_argument("--self", dest="self_attention", action="store_true", default=True)
+    kind.add_argument("--cross", dest="self_attention", action="store_false")
+    graph.add_argument("--causal", action="store_true", help="causal mask (self-attention)")
+    graph.add_argument(
+        "--attention-weights", action="store_true", help="add the attention_weights output"
+    )
+    graph.add_argument("--max-batch-size", type=int, default=64, help="server limit default")
+    graph.add_argument("--max-sequence-length", type=int, default=4096, help="server default")
+    add_weight_arguments(parser)
+
+
+def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
+    """Weight sources: seeded default, our safetensors, or a BERT-style checkpoint."""
+    weights = parser.add_argument_group("weights (default: embedded seeded weights)")
+    source = weights.add_mutually_exclusive_group()
+    source.add_argument("--weights", type=Path, help="safetensors written by mha (save())")
+    source.add_argument("--bert", type=Path, help="BERT-style safetensors checkpoint")
+    weights.add_argument("--bert-layer", type=int, default=0, help="encoder layer to take")
+    weights.add_argument("--d-model", type=int, default=512)
+    weights.add_argument(
+        "--num-heads", type=int, default=None, help="default 8 (BERT: from config.json)"
+    )
+    weights.add_argument("--kdim", type=int, default=None, help="key features (cross)")
+    weights.add_argument("--vdim", type=int, default=None, help="value features (cross)")
+    weights.add_argument("--no-bias", dest="bias", action="store_false")
+    weights.add_argument("--seed", type=int, default=0)
+
+
+def options_from(args: argparse.Namespace):
+    """ExportOptions from parsed flags (ValueError on bad combinations)."""
+    from mha.export.options import ExportOptions
+
+    heads = args.num_heads
+    if heads is None and args.bert is None:
+        heads = 8
+    external = {"auto": None, "always": True, "never": False}[args.external_data]
+    return ExportOptions(
+        repository=args.repository,
+        name=args.name,
+        version=args.version,
+        target=args.target,
+        dtype=args.dtype,
+        self_attention=args.self_attention,
+        causal=args.causal,
+        attention_weights=args.attention_weights,
+        weights=args.weights,
+        bert=args.bert,
+        bert_layer=args.bert_layer,
+        d_model=args.d_model,
+        num_heads=heads if heads is not None else 0,
+        kdim=args.kdim,
+        vdim=args.vdim,
+        bias=args.bias,
+        seed=args.seed,
+        max_batch_size=args.max_batch_size,
+        max_sequence_length=args.max_sequence_length,
+        external_data=external,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, validate, write; print progress and the parity report."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from mha.export import report
+        from mha.export.exporter import export_model
+        from mha.export.repository import has_model
+        from mha.export.validate import ExportValidationError
+        from mha.model.weights import WeightsError
+    except ImportError as err:
+        raise CliError(
+            f"`mha export` needs the export extra ({err.name} is missing): "
+            "pip install 'mha-serve[export]'"
+        ) from err
+    try:
+        options = options_from(args)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    if args.if_missing and has_model(options.model_dir):
+        print(f"{options.model_dir} already holds an export; nothing to do (--if-missing)")
+        return 0
+    try:
+        result = export_model(options, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except ExportValidationError as err:
+        print(f"mha export: {err}", file=sys.stderr)
+        return 1
+    except (WeightsError, ValueError) as err:
+        raise CliError(str(err)) from err
+    print(report.parity_table(result))
+    print()
+    print(report.summary_table([result]))
+    print(f"\nwrote {result.model_dir}")
+    return 0
