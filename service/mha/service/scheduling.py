@@ -1,0 +1,90 @@
+"""What the servicer hands to a model's scheduler, and the scheduler without batching.
+
+The servicer decodes and validates a request into an InferenceJob (numpy arrays in the
+model's dtype, limits already checked) and awaits `scheduler.submit(job)`. A scheduler runs
+jobs through a blocking `Runner` (ONNX Runtime's session.run behind a small wrapper) off the
+event loop. DirectScheduler runs each job alone; mha.service.batching.BatchingScheduler
+merges compatible jobs into one run. Both honour deadlines and cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mha.service.errors import DeadlineExceeded
+
+# Blocking: feeds by graph input name -> outputs by name, in the order asked. Thread-safe
+# (ONNX Runtime allows concurrent run() calls on one session).
+Runner = Callable[[Mapping[str, np.ndarray], Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass
+class InferenceJob:
+    """One validated request for one model version.
+
+    inputs always holds every graph input: query [B, L, E]; key [B, S, kdim] and
+    value [B, S, vdim] for cross-attention models; key_padding_mask [B, S] bool,
+    True = padding (all False when the request omitted it).
+    """
+
+    request_id: str
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...]
+    deadline: float | None = None  # time.monotonic() seconds; None = no deadline
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs["query"].shape[0])
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+
+@dataclass
+class JobResult:
+    outputs: dict[str, np.ndarray]
+    queue_ns: int  # from submit to the start of the session run
+    compute_ns: int  # the session run that served it (shared when batched)
+    batch_size: int  # samples in that session run (>= the job's own B when batched)
+
+
+class Scheduler(Protocol):
+    async def submit(self, job: InferenceJob) -> JobResult: ...
+
+    async def close(self) -> None:
+        """Stop taking jobs; finish the ones already accepted."""
+
+
+class DirectScheduler:
+    """One session run per job, in a bounded executor (the server's thread pool)."""
+
+    def __init__(self, runner: Runner, executor: Executor | None = None) -> None:
+        self._runner = runner
+        self._executor = executor
+
+    async def submit(self, job: InferenceJob) -> JobResult:
+        if job.expired():
+            raise DeadlineExceeded(
+                f"request {job.request_id!r}: deadline passed before compute started"
+            )
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        outputs = await loop.run_in_executor(self._executor, self._runner, job.inputs, job.outputs)
+        end = time.monotonic()
+        return JobResult(
+            outputs=outputs,
+            queue_ns=int((start - job.enqueued) * 1e9),
+            compute_ns=int((end - start) * 1e9),
+            batch_size=job.batch_size,
+        )
+
+    async def close(self) -> None:
+        return None
