@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,3 +37,27 @@ def exported(export_repo: Path) -> Callable[..., Path]:
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def bert_checkpoint() -> Callable[..., dict]:
+    """write_bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert.")."""
+    return write_bert_checkpoint
+
+
+def write_bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert."):
+    """A synthetic checkpoint with Hugging Face BERT's real tensor names."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    tensors = {f"{prefix}embeddings.word_embeddings.weight": torch.randn(10, d_model)}
+    for n in range(layers):
+        base = f"{prefix}encoder.layer.{n}.attention."
+        for part in ("self.query", "self.key", "self.value", "output.dense"):
+            tensors[f"{base}{part}.weight"] = torch.randn(d_model, d_model) / math.sqrt(d_model)
+            tensors[f"{base}{part}.bias"] = torch.randn(d_model) * 0.1
+        tensors[f"{base}output.LayerNorm.weight"] = torch.ones(d_model)
+    save_file(tensors, str(path))
+    (path.parent / "config.json").write_text(json.dumps({"num_attention_heads": heads}))
+    return tensors

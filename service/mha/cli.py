@@ -52,4 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run through the imported module: under `python -m mha.cli` this file is __main__,
+    # and subcommands raise mha.cli.CliError, a different class from __main__.CliError.
+    from mha.cli import main as _main
+
+    raise SystemExit(_main())

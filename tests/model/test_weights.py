@@ -52,22 +52,7 @@ def test_torch_extras_are_refused():
         from_torch(m)
 
 
-def bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert."):
-    """A synthetic checkpoint with Hugging Face BERT's real tensor names."""
-    torch.manual_seed(1)
-    tensors = {f"{prefix}embeddings.word_embeddings.weight": torch.randn(10, d_model)}
-    for n in range(layers):
-        base = f"{prefix}encoder.layer.{n}.attention."
-        for part in ("self.query", "self.key", "self.value", "output.dense"):
-            tensors[f"{base}{part}.weight"] = torch.randn(d_model, d_model) / math.sqrt(d_model)
-            tensors[f"{base}{part}.bias"] = torch.randn(d_model) * 0.1
-        tensors[f"{base}output.LayerNorm.weight"] = torch.ones(d_model)
-    save_file(tensors, str(path))
-    (path.parent / "config.json").write_text(json.dumps({"num_attention_heads": heads}))
-    return tensors
-
-
-def test_bert_import_equals_reference(tmp_path):
+def test_bert_import_equals_reference(tmp_path, bert_checkpoint):
     path = tmp_path / "model.safetensors"
     t = bert_checkpoint(path)
     module = from_bert(path, layer=1).eval()
@@ -89,7 +74,7 @@ def test_bert_import_equals_reference(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
-def test_bert_errors_name_the_problem(tmp_path):
+def test_bert_errors_name_the_problem(tmp_path, bert_checkpoint):
     path = tmp_path / "model.safetensors"
     bert_checkpoint(path, layers=1)
     with pytest.raises(

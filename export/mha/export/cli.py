@@ -92,7 +92,7 @@ def options_from(args: argparse.Namespace):
         bert=args.bert,
         bert_layer=args.bert_layer,
         d_model=args.d_model,
-        num_heads=heads if heads is not None else 0,
+        num_heads=heads,
         kdim=args.kdim,
         vdim=args.vdim,
         bias=args.bias,

@@ -72,7 +72,7 @@ class ExportOptions:
     bert: Path | None = None
     bert_layer: int = 0
     d_model: int = 512
-    num_heads: int = 8
+    num_heads: int | None = 8  # None with a BERT checkpoint: from its config.json
     kdim: int | None = None
     vdim: int | None = None
     bias: bool = True
@@ -93,6 +93,8 @@ class ExportOptions:
             raise ValueError("causal=True is defined for self-attention only (use --self)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"model name {self.name!r} must be a plain folder name")
+        if self.num_heads is None and self.bert is None:
+            raise ValueError("num_heads is required unless a BERT checkpoint gives it")
         if self.version < 1:
             raise ValueError(f"version must be >= 1, got {self.version}")
         if self.max_batch_size < 1 or self.max_sequence_length < 1:

@@ -35,6 +35,7 @@ def load_source(options: ExportOptions, causal: bool) -> WeightsSource:
         desc = f"bert:{options.bert.name}#layer{options.bert_layer}"
         digest = file_sha256(options.bert)
     else:
+        assert options.num_heads is not None  # ExportOptions requires it without --bert
         config = AttentionConfig(
             options.d_model, options.num_heads, options.kdim, options.vdim, options.bias
         )

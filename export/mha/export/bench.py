@@ -1,0 +1,470 @@
+"""`mha bench export`: torch nn.MultiheadAttention vs our eager module vs ONNX Runtime per target.
+
+The `mha bench` dispatcher imports this module to read its flags, so torch, onnxruntime and
+the export machinery are imported inside the functions that use them, never at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mha.cli import CliError
+
+Shape = tuple[int, int]
+SHAPES: tuple[Shape, ...] = ((1, 16), (1, 128), (8, 128), (1, 1024))
+QUICK_SHAPES: tuple[Shape, ...] = ((1, 8), (2, 16))
+EXPORT_TARGETS = ("ort", "onnx", "none")
+TORCH, OURS = "torch nn.MHA", "ours eager"
+# Issue 2 section 5: `ort` speed-up over torch nn.MultiheadAttention per (B, L), both masks.
+REQUIRED_VS_TORCH: dict[Shape, float] = {
+    (1, 16): 1.5,
+    (1, 1024): 1.5,
+    (1, 128): 1.05,
+    (8, 128): 1.05,
+}
+PADDED_FRACTION = 0.25  # the last quarter of the keys of every sample is padding
+BLOCK = 5  # consecutive timed runs of one contestant before the next one takes its turn
+NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `mha bench export`."""
+    parser.add_argument("--out", type=Path, default=Path("bench-out/export"), help="output dir")
+    parser.add_argument("--repeats", type=int, help="timed runs per contestant (default 60)")
+    parser.add_argument("--warmup", type=int, help="untimed runs per contestant (default 5)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few runs (smoke)")
+    parser.add_argument("--shapes", nargs="+", metavar="BxL", help="e.g. 1x16 8x128")
+    parser.add_argument("--threads", type=int, help="torch and ORT intra-op threads (cores)")
+    parser.add_argument(
+        "--repository", type=Path, help="keep/reuse the exports here (default: a temp folder)"
+    )
+    parser.add_argument("--d-model", type=int, default=512, help="512: the embedded default")
+    parser.add_argument("--num-heads", type=int, default=8)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input: (B, L) self-attention, with or without a key padding mask."""
+
+    batch: int
+    length: int
+    padded: bool
+
+    @property
+    def id(self) -> str:
+        return f"B{self.batch}-L{self.length}" + ("-padded" if self.padded else "")
+
+    def inputs(self, d_model: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """fp32 query (B, L, E) and the bool (B, L) key_padding_mask (None = no mask)."""
+        rng = np.random.default_rng([self.batch, self.length])
+        query = rng.standard_normal((self.batch, self.length, d_model)).astype(np.float32)
+        if not self.padded:
+            return query, None
+        mask = np.zeros((self.batch, self.length), dtype=bool)
+        mask[:, self.length - int(self.length * PADDED_FRACTION) :] = True
+        return query, mask
+
+
+Call = Callable[[], Any]
+
+
+@dataclass
+class Contestant:
+    """A named way to compute the attention output: prepare(query, mask) -> a timed call."""
+
+    name: str
+    prepare: Callable[[np.ndarray, np.ndarray | None], Call]
+    to_numpy: Callable[[Any], np.ndarray]
+
+
+def torch_mha(module):
+    """torch.nn.MultiheadAttention (batch_first, eval) holding our module's weights."""
+    import torch
+
+    cfg = module.config
+    theirs = torch.nn.MultiheadAttention(
+        cfg.d_model, cfg.num_heads, bias=cfg.bias, batch_first=True
+    )
+    with torch.no_grad():
+        projections = (module.q_proj, module.k_proj, module.v_proj)
+        theirs.in_proj_weight.copy_(torch.cat([p.weight for p in projections]))
+        theirs.out_proj.weight.copy_(module.out_proj.weight)
+        if cfg.bias:
+            theirs.in_proj_bias.copy_(torch.cat([p.bias for p in projections]))
+            theirs.out_proj.bias.copy_(module.out_proj.bias)
+    return theirs.eval()
+
+
+def torch_contestants(module) -> list[Contestant]:
+    """torch's nn.MultiheadAttention (need_weights=False) and our eager module, same weights."""
+    import torch
+
+    theirs = torch_mha(module)
+
+    def prepare_theirs(query: np.ndarray, mask: np.ndarray | None) -> Call:
+        q, m = torch.from_numpy(query), None if mask is None else torch.from_numpy(mask)
+        return lambda: theirs(q, q, q, key_padding_mask=m, need_weights=False)[0]
+
+    def prepare_ours(query: np.ndarray, mask: np.ndarray | None) -> Call:
+        q, m = torch.from_numpy(query), None if mask is None else torch.from_numpy(mask)
+        return lambda: module(q, key_padding_mask=m)[0]
+
+    return [
+        Contestant(TORCH, prepare_theirs, lambda out: out.numpy()),
+        Contestant(OURS, prepare_ours, lambda out: out.numpy()),
+    ]
+
+
+def session_options(threads: int):
+    """ORT options: the same thread count as torch; everything else ORT's defaults."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1  # sequential execution: no inter-op pool is used
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+def ort_contestants(models: dict[str, Path], threads: int) -> list[Contestant]:
+    """One ONNX Runtime CPU session per export target."""
+    import onnxruntime as ort
+
+    contestants = []
+    for target, path in models.items():
+        session = ort.InferenceSession(
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+
+        def prepare(query: np.ndarray, mask: np.ndarray | None, session=session) -> Call:
+            # The graph input is always present: "no mask" is all-False, as the server feeds it.
+            keep = np.zeros(query.shape[:2], dtype=bool) if mask is None else mask
+            feeds = {"query": query, "key_padding_mask": keep}
+            return lambda: session.run(["output"], feeds)[0]
+
+        contestants.append(Contestant(f"ort {target}", prepare, np.asarray))
+    return contestants
+
+
+def export_all(module, repository: Path, say: Callable[[str], None]) -> dict[str, Path]:
+    """Export every target with the module's weights, reusing matching earlier exports."""
+    from mha.export import ExportOptions, export_model
+    from mha.export.repository import CONFIG_FILE, MODEL_FILE, has_model
+    from mha.model import state_sha256
+
+    digest, cfg = state_sha256(module), module.config
+    models = {}
+    for target in EXPORT_TARGETS:
+        options = ExportOptions(
+            repository=repository,
+            name=f"bench-{target}-d{cfg.d_model}-h{cfg.num_heads}",
+            target=target,
+            d_model=cfg.d_model,
+            num_heads=cfg.num_heads,
+        )
+        folder = options.model_dir
+        if has_model(folder):
+            written = json.loads((folder / CONFIG_FILE).read_text())
+            if written.get("weights_sha256") == digest and written.get("target") == target:
+                say(f"reusing {folder}")
+                models[target] = folder / MODEL_FILE
+                continue
+        say(f"exporting target {target} into {folder} ...")
+        export_model(options, module=module, progress=lambda _: None)
+        models[target] = folder / MODEL_FILE
+    return models
+
+
+def timed_runs(calls: dict[str, Call], warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per run; contestants take turns in blocks, in a rotating order, so drift
+    (other processes, frequency changes) hits every contestant alike."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    turn = 0
+    while any(len(t) < repeats for t in times.values()):
+        order = names[turn % len(names) :] + names[: turn % len(names)]
+        for name in order:
+            call = calls[name]
+            for _ in range(min(BLOCK, repeats - len(times[name]))):
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+        turn += 1
+    return times
+
+
+def bench_case(contestants: list[Contestant], case: Case, d_model: int, warmup: int, repeats: int):
+    """Median, p10, p90 (ms) and max |error| vs our eager output of every contestant."""
+    query, mask = case.inputs(d_model)
+    calls = {c.name: c.prepare(query, mask) for c in contestants}
+    outputs = {c.name: c.to_numpy(calls[c.name]()) for c in contestants}
+    gc.collect()
+    times = timed_runs(calls, warmup, repeats)
+    reference = outputs[OURS].astype(np.float64)
+    rows = []
+    for name, seconds in times.items():
+        ms = np.asarray(seconds) * 1e3
+        rows.append(
+            {
+                "case": case.id,
+                "B": case.batch,
+                "L": case.length,
+                "padded": case.padded,
+                "contestant": name,
+                "median_ms": float(np.median(ms)),
+                "p10_ms": float(np.percentile(ms, 10)),
+                "p90_ms": float(np.percentile(ms, 90)),
+                "runs": len(ms),
+                "max_abs_error": float(np.abs(outputs[name] - reference).max()),
+            }
+        )
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_torch and speedup_vs_none: the other's median over this one's."""
+    by_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["contestant"]] = row["median_ms"]
+    for row in rows:
+        medians = by_case[row["case"]]
+        row["speedup_vs_torch"] = medians[TORCH] / row["median_ms"]
+        row["speedup_vs_none"] = medians["ort none"] / row["median_ms"]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Issue 2 section 5's targets for `ort`: vs torch nn.MHA per shape, and never slower
+    than `none`."""
+    checks = []
+    for row in rows:
+        if row["contestant"] != "ort ort":
+            continue
+        required = REQUIRED_VS_TORCH.get((row["B"], row["L"]))
+        if required is not None:
+            speedup = row["speedup_vs_torch"]
+            checks.append(target(row["case"], "ort vs torch nn.MHA", speedup, required))
+        checks.append(target(row["case"], "ort vs none", row["speedup_vs_none"], 1.0))
+    return checks
+
+
+def target(case: str, what: str, speedup: float, required: float) -> dict:
+    """One PASS/MISS record."""
+    return {
+        "case": case,
+        "check": what,
+        "speedup": speedup,
+        "required": required,
+        "pass": speedup >= required,
+    }
+
+
+def machine(threads: int) -> dict:
+    """What the figures were measured on."""
+    import onnxruntime
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cores": cores(),
+        "threads": threads,
+        "loadavg": list(os.getloadavg()),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def cores() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def parse_shapes(values: list[str] | None, quick: bool) -> list[Shape]:
+    """'8x128' -> (8, 128); the issue's shapes (or the quick ones) by default."""
+    if not values:
+        return list(QUICK_SHAPES if quick else SHAPES)
+    shapes = []
+    for value in values:
+        try:
+            batch, length = (int(part) for part in value.lower().split("x"))
+        except ValueError:
+            raise CliError(f"--shapes {value!r}: expected BxL, e.g. 8x128") from None
+        if batch < 1 or length < 4:
+            raise CliError(f"--shapes {value!r}: need B >= 1 and L >= 4 (a quarter is padded)")
+        shapes.append((batch, length))
+    return shapes
+
+
+@contextlib.contextmanager
+def repository_dir(given: Path | None) -> Iterator[Path]:
+    """The given repository, or a temporary one removed afterwards."""
+    if given is not None:
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="mha-bench-") as tmp:
+        yield Path(tmp)
+
+
+def measure(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
+    """Export, build the contestants, time every case; the JSON report (without plot)."""
+    import torch
+
+    from mha.model import DEFAULT_SEED, AttentionConfig, seeded_model
+
+    shapes = parse_shapes(args.shapes, args.quick)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 60)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
+    threads = args.threads if args.threads is not None else cores()
+    if repeats < 1 or warmup < 0 or threads < 1:
+        raise CliError(
+            f"need --repeats >= 1, --warmup >= 0, --threads >= 1 (got "
+            f"{repeats}, {warmup}, {threads})"
+        )
+    try:
+        module = seeded_model(AttentionConfig(args.d_model, args.num_heads), DEFAULT_SEED)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    cases = [Case(b, length, padded) for b, length in shapes for padded in (False, True)]
+    report: dict[str, Any] = {"machine_before": machine(threads)}
+    with repository_dir(args.repository) as repo:
+        models = export_all(module, repo, say)
+        contestants = torch_contestants(module) + ort_contestants(models, threads)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        rows = []
+        try:
+            with torch.inference_mode():
+                for case in cases:
+                    say(f"timing {case.id}: {len(contestants)} contestants x {repeats} runs")
+                    rows += bench_case(contestants, case, args.d_model, warmup, repeats)
+        finally:
+            torch.set_num_threads(threads_before)
+    add_speedups(rows)
+    report |= {
+        "machine_after": machine(threads),
+        "settings": {
+            "d_model": args.d_model,
+            "num_heads": args.num_heads,
+            "dtype": "fp32",
+            "weights": f"seeded:{DEFAULT_SEED}"
+            + (" (embedded default)" if args.d_model == 512 and args.num_heads == 8 else ""),
+            "self_attention": True,
+            "padded_fraction": PADDED_FRACTION,
+            "repeats": repeats,
+            "warmup": warmup,
+            "block": BLOCK,
+            "ort_session": {
+                "intra_op_num_threads": threads,
+                "inter_op_num_threads": 1,
+                "graph_optimization_level": "ORT_ENABLE_ALL",
+                "providers": ["CPUExecutionProvider"],
+                "unpadded_mask": "all-False key_padding_mask (the graph input is "
+                "required; the server feeds the same)",
+            },
+            "torch": {
+                "num_threads": threads,
+                "mode": "eval + inference_mode",
+                "need_weights": False,
+                "batch_first": True,
+            },
+        },
+        "contestants": [c.name for c in contestants],
+        "cases": [c.id for c in cases],
+        "results": rows,
+    }
+    report["targets"] = check_targets(rows)
+    return report
+
+
+def results_table(rows: list[dict]) -> str:
+    """One line per case and contestant."""
+    from mha.export.report import table
+
+    header = [
+        "case",
+        "contestant",
+        "median ms",
+        "p10 ms",
+        "p90 ms",
+        "max abs err",
+        "vs torch",
+        "vs none",
+    ]
+    body = [
+        [
+            r["case"],
+            r["contestant"],
+            f"{r['median_ms']:.3f}",
+            f"{r['p10_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['max_abs_error']:.1e}",
+            f"{r['speedup_vs_torch']:.2f}x",
+            f"{r['speedup_vs_none']:.2f}x",
+        ]
+        for r in rows
+    ]
+    return table(header, body)
+
+
+def target_lines(checks: list[dict]) -> str:
+    """PASS/MISS lines for issue 2 section 5's targets."""
+    return "\n".join(
+        f"{'PASS' if c['pass'] else 'MISS'}  {c['check']:<20} {c['case']:<16} "
+        f"{c['speedup']:.2f}x (target >= {c['required']:.2f}x)"
+        for c in checks
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, print the table and the targets, write JSON and PNG. Exit 0 on MISS too."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import onnxruntime  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as err:
+        raise CliError(
+            f"`mha bench export` needs the export extra ({err.name} is missing): "
+            "pip install 'mha-serve[export]'"
+        ) from err
+    from mha.export.bench_plot import plot
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    report = measure(args, say)
+    before, after = report["machine_before"], report["machine_after"]
+    print(results_table(report["results"]))
+    print(
+        f"\n{before['threads']} threads for torch and ORT on {before['cores']} cores; "
+        f"load average {before['loadavg'][0]:.2f} before, {after['loadavg'][0]:.2f} after"
+    )
+    print("targets (issue 2 section 5; figures, not a gate):")
+    print(target_lines(report["targets"]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / "bench-export.json", args.out / "bench-export.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, png_path)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
