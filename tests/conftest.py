@@ -61,3 +61,20 @@ def write_bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert."):
     save_file(tensors, str(path))
     (path.parent / "config.json").write_text(json.dumps({"num_attention_heads": heads}))
     return tensors
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `cuda` tests without a CUDA-capable ONNX Runtime, `podman` tests without podman."""
+    import shutil
+
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    reasons = {
+        "cuda": None if has_cuda else "needs onnxruntime-gpu with a CUDA GPU",
+        "podman": None if shutil.which("podman") else "needs podman",
+    }
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
