@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from mha.service.errors import DeadlineExceeded
+from mha.service.metrics import Metrics
 
 # Blocking: feeds by graph input name -> outputs by name, in the order asked. Thread-safe
 # (ONNX Runtime allows concurrent run() calls on one session).
@@ -64,11 +65,23 @@ class Scheduler(Protocol):
 
 
 class DirectScheduler:
-    """One session run per job, in a bounded executor (the server's thread pool)."""
+    """One session run per job, in a bounded executor (the server's thread pool).
 
-    def __init__(self, runner: Runner, executor: Executor | None = None) -> None:
+    Records each run in Metrics.batch_run (no padding: a job runs alone) when given metrics.
+    """
+
+    def __init__(
+        self,
+        runner: Runner,
+        executor: Executor | None = None,
+        *,
+        metrics: Metrics | None = None,
+        labels: tuple[str, str] = ("", ""),
+    ) -> None:
         self._runner = runner
         self._executor = executor
+        self._metrics = metrics
+        self._labels = labels
 
     async def submit(self, job: InferenceJob) -> JobResult:
         if job.expired():
@@ -79,6 +92,8 @@ class DirectScheduler:
         loop = asyncio.get_running_loop()
         outputs = await loop.run_in_executor(self._executor, self._runner, job.inputs, job.outputs)
         end = time.monotonic()
+        if self._metrics is not None:
+            self._metrics.batch_run(*self._labels, end - start, job.batch_size, 0.0)
         return JobResult(
             outputs=outputs,
             queue_ns=int((start - job.enqueued) * 1e9),

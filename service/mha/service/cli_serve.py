@@ -1,0 +1,33 @@
+"""`mha serve`: serve a model repository over the Open Inference Protocol (gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from mha.service import settings as settings_module
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the server's flags (each also read from its MHA_* variable)."""
+    settings_module.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the settings, configure logs, serve until SIGTERM/SIGINT; return 0."""
+    # Imported here, not at the top: `mha serve --help` should not pay for ONNX Runtime.
+    from mha.cli import CliError
+    from mha.service import logs, server
+    from mha.service.errors import StartupError
+
+    try:
+        settings = settings_module.from_sources(args, os.environ)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    logs.configure(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(server.serve(settings))
+    except (StartupError, OSError) as err:
+        raise CliError(str(err)) from None
+    return 0

@@ -1,0 +1,137 @@
+"""The model repository on disk: <repo>/<name>/<version>/{model.onnx, mha.json}.
+
+Scanning reads only the small mha.json files, so the server knows every model name and
+version (and can answer NOT_FOUND vs "not ready yet") before any session is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mha.service.errors import StartupError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "mha.json"
+MODEL_FILE = "model.onnx"
+SUPPORTED_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output as mha.json declares it (-1 = dynamic dimension)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model version: where it is and what its tensors look like."""
+
+    name: str
+    version: int
+    path: Path  # the version folder
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    self_attention: bool
+    dtype: str  # FP32 or FP16
+    d_model: int
+    num_heads: int
+    max_batch_size: int
+    max_sequence_length: int
+    target: str
+    config: dict[str, Any]
+
+    @property
+    def model_file(self) -> Path:
+        return self.path / MODEL_FILE
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+
+def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(
+            name=str(item["name"]),
+            datatype=str(item["datatype"]),
+            shape=tuple(int(d) for d in item["shape"]),
+            optional=bool(item.get("optional", False)),
+        )
+        for item in items
+    )
+
+
+def read_spec(path: Path, name: str, version: int) -> ModelSpec:
+    """Read one version folder's mha.json; StartupError saying what is wrong."""
+    config_path = path / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+        if config.get("format") != SUPPORTED_FORMAT:
+            raise StartupError(
+                f"{config_path}: format {config.get('format')!r}, this server reads format "
+                f"{SUPPORTED_FORMAT}"
+            )
+        return ModelSpec(
+            name=name,
+            version=version,
+            path=path,
+            inputs=_tensors(config["inputs"]),
+            outputs=_tensors(config["outputs"]),
+            self_attention=bool(config["self_attention"]),
+            dtype=str(config["dtype"]),
+            d_model=int(config["d_model"]),
+            num_heads=int(config["num_heads"]),
+            max_batch_size=int(config["max_batch_size"]),
+            max_sequence_length=int(config["max_sequence_length"]),
+            target=str(config.get("target", "")),
+            config=config,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise StartupError(f"{config_path}: cannot read the model config: {err!r}") from err
+
+
+def _versions(model_dir: Path) -> list[int]:
+    versions = []
+    for child in model_dir.iterdir():
+        if not (child.is_dir() and child.name.isdigit() and int(child.name) > 0):
+            continue
+        if (child / MODEL_FILE).is_file() and (child / CONFIG_FILE).is_file():
+            versions.append(int(child.name))
+        else:
+            log.warning("skipping %s: it lacks %s or %s", child, MODEL_FILE, CONFIG_FILE)
+    return sorted(versions)
+
+
+def scan(repository: Path) -> dict[str, dict[int, ModelSpec]]:
+    """Every model -> {version: spec}; StartupError when there is nothing to serve."""
+    if not repository.is_dir():
+        raise StartupError(
+            f"model repository {repository} is not a folder; export a model first "
+            f"(mha export --repository {repository})"
+        )
+    models: dict[str, dict[int, ModelSpec]] = {}
+    for model_dir in sorted(repository.iterdir()):
+        if not model_dir.is_dir() or model_dir.name.startswith("."):
+            continue
+        versions = _versions(model_dir)
+        if versions:
+            specs = {v: read_spec(model_dir / str(v), model_dir.name, v) for v in versions}
+            models[model_dir.name] = specs
+    if not models:
+        raise StartupError(
+            f"model repository {repository} holds no model (<name>/<version>/{MODEL_FILE} "
+            f"+ {CONFIG_FILE}); export one with: mha export --repository {repository}"
+        )
+    return models

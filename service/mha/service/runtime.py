@@ -1,0 +1,206 @@
+"""ONNX Runtime sessions: create one per model version, warm it up, run it.
+
+A runner (mha.service.scheduling.Runner) is the only thing schedulers see: feeds by
+input name -> outputs by name. It blocks, so schedulers call it from a thread pool; one
+InferenceSession allows concurrent run() calls, so a runner is thread-safe as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from mha.service import devices
+from mha.service.codec import DTYPES
+from mha.service.errors import NotFound, StartupError, Unavailable
+from mha.service.model_repository import ModelSpec
+from mha.service.scheduling import Runner, Scheduler
+from mha.service.validation import Limits
+
+log = logging.getLogger(__name__)
+
+# 3 = errors only. ORT warns on every run of an attention-weights export (a harmless
+# VerifyOutputSizes mismatch on the weights output), which would flood the log.
+ORT_LOG_SEVERITY = 3
+WARMUP_LENGTH = 8
+
+
+@dataclass
+class LoadedModel:
+    """A model version whose session is created and warmed up."""
+
+    spec: ModelSpec
+    provider: str  # execution provider in use, e.g. CPUExecutionProvider
+    runner: Runner
+    load_seconds: float
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    # One graph, one attention node: there is nothing to run in parallel between ops.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = ORT_LOG_SEVERITY
+    return options
+
+
+class SessionRunner:
+    """session.run on CPU; IO binding on CUDA (inputs copied once, outputs allocated on GPU)."""
+
+    def __init__(self, session: ort.InferenceSession, provider: str) -> None:
+        self.session = session
+        self.io_binding = provider == devices.CUDA
+
+    def __call__(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        if self.io_binding:
+            return self._run_bound(feeds, outputs)
+        values = self.session.run(list(outputs), dict(feeds))
+        return dict(zip(outputs, values, strict=True))
+
+    def _run_bound(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        # One binding per call: an IOBinding is not safe to share between threads.
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in outputs:
+            # Shapes are dynamic, so ORT allocates each output on the device at run time.
+            binding.bind_output(name, "cuda", devices.CUDA_OPTIONS["device_id"])
+        binding.synchronize_inputs()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        values = binding.copy_outputs_to_cpu()
+        return dict(zip(outputs, values, strict=True))
+
+
+class ZeroRunner:
+    """The --no-compute floor: zeros of the right shapes and dtypes, no ONNX Runtime."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.dtype = DTYPES[spec.dtype]
+
+    def __call__(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        B, L, _ = feeds["query"].shape  # paper names
+        S = feeds["key_padding_mask"].shape[1]
+        shapes = {
+            "output": (B, L, self.spec.d_model),
+            "attention_weights": (B, self.spec.num_heads, L, S),
+        }
+        return {name: np.zeros(shapes[name], self.dtype) for name in outputs}
+
+
+def warmup_feeds(spec: ModelSpec, length: int = WARMUP_LENGTH) -> dict[str, np.ndarray]:
+    """Small random inputs for every graph input (B=1, L=S=length)."""
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {}
+    for tensor in spec.inputs:
+        if tensor.datatype == "BOOL":
+            feeds[tensor.name] = np.zeros((1, length), dtype=bool)
+        else:
+            shape = (1, length, tensor.shape[-1])
+            feeds[tensor.name] = rng.standard_normal(shape).astype(DTYPES[tensor.datatype])
+    return feeds
+
+
+def create_session(
+    spec: ModelSpec, device_plan: devices.DevicePlan, threads: int
+) -> tuple[ort.InferenceSession, str]:
+    """A session for one model version and the provider it really uses."""
+    try:
+        session = ort.InferenceSession(
+            str(spec.model_file),
+            sess_options=session_options(threads),
+            providers=list(device_plan.providers),
+            provider_options=list(device_plan.options),
+        )
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+        raise StartupError(f"{spec.model_file}: ONNX Runtime cannot load it: {err}") from err
+    label = f"{spec.name}/{spec.version}"
+    provider = devices.check_session_providers(device_plan, session.get_providers(), label)
+    return session, provider
+
+
+def load(
+    spec: ModelSpec, device_plan: devices.DevicePlan, threads: int, no_compute: bool = False
+) -> LoadedModel:
+    """Create the session and run a warm-up so the first request pays no lazy set-up."""
+    start = time.monotonic()
+    session, provider = create_session(spec, device_plan, threads)
+    runner: Runner = ZeroRunner(spec) if no_compute else SessionRunner(session, provider)
+    feeds = warmup_feeds(spec)
+    SessionRunner(session, provider)(feeds, spec.output_names)
+    seconds = time.monotonic() - start
+    log.info(
+        "model %s version %d loaded on %s (%d threads, target %s, %s) in %.2f s%s",
+        spec.name, spec.version, provider, threads, spec.target, spec.dtype, seconds,
+        " [no-compute: answers are zeros]" if no_compute else "",
+    )  # fmt: skip
+    return LoadedModel(spec=spec, provider=provider, runner=runner, load_seconds=seconds)
+
+
+@dataclass
+class ServedModel:
+    """A loaded model version with its scheduler and request limits."""
+
+    loaded: LoadedModel
+    scheduler: Scheduler
+    limits: Limits
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.loaded.spec
+
+
+class ModelTable:
+    """Every model version on disk, and the ones loaded so far (the servicer's lookup)."""
+
+    def __init__(self, specs: dict[str, dict[int, ModelSpec]]) -> None:
+        self.specs = specs
+        self.served: dict[tuple[str, int], ServedModel] = {}
+
+    def resolve(self, name: str, version: str = "") -> ModelSpec:
+        """The spec of name/version (latest when version is empty); NotFound otherwise."""
+        versions = self.specs.get(name)
+        if versions is None:
+            raise NotFound(
+                f"model {name!r} not found; this server has: {', '.join(sorted(self.specs))}"
+            )
+        if not version:
+            return versions[max(versions)]
+        if not version.isdigit() or int(version) not in versions:
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; versions: "
+                f"{', '.join(str(v) for v in sorted(versions))}"
+            )
+        return versions[int(version)]
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The served model version; NotFound if unknown, Unavailable if not loaded yet."""
+        spec = self.resolve(name, version)
+        served = self.served.get((spec.name, spec.version))
+        if served is None:
+            raise Unavailable(f"model {name!r} version {spec.version} is not ready (loading)")
+        return served
+
+    def all_specs(self) -> list[ModelSpec]:
+        return [spec for versions in self.specs.values() for spec in versions.values()]
+
+    @property
+    def all_ready(self) -> bool:
+        return len(self.served) == len(self.all_specs())
+
+    def providers(self) -> list[str]:
+        return sorted({s.loaded.provider for s in self.served.values()})

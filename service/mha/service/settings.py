@@ -1,0 +1,190 @@
+"""Server settings: one frozen dataclass built once from CLI flags and MHA_* variables.
+
+Precedence: a flag given on the command line, then the environment variable, then the
+default. Every setting has both a flag and a variable (table `SPECS`, mirrored in
+DEVELOPERS.md), so a container can be configured by environment alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MIB = 1024 * 1024
+DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `mha serve` can be told; passed explicitly to whatever needs it."""
+
+    host: str = "0.0.0.0"
+    port: int = 8001
+    metrics_port: int | None = 8002  # None = no metrics endpoint (flag value -1)
+    repository: Path = Path("models")
+    device: str = "auto"
+    threads: int | None = None  # intra-op threads; None = from the cgroup CPU quota
+    workers: int = 4  # session runs in flight at once (the bounded executor)
+    max_message_bytes: int = 64 * MIB
+    max_batch_size: int | None = None  # None = each model's mha.json
+    max_sequence_length: int | None = None  # None = each model's mha.json
+    reflection: bool = True
+    log_level: str = "INFO"
+    log_format: str = "text"
+    drain_seconds: float = 0.0
+    grace_seconds: float = 10.0
+    max_connection_age_seconds: float = 0.0  # 0 = off
+    max_connection_age_grace_seconds: float = 0.0  # 0 = off
+    batching: bool = True
+    max_batch_delay_us: int = 500
+    max_queue_size: int = 256
+    batch_policy: str = "bucket"
+    max_padding_fraction: float = 0.25
+    port_file: Path | None = None  # write the bound gRPC port here (useful with port 0)
+    no_compute: bool = False  # benchmark floor: decode + validate, answer zeros
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log format must be text or json, got {self.log_format!r}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        positive: dict[str, int | None] = {
+            "threads": self.threads,
+            "workers": self.workers,
+            "max_message_bytes": self.max_message_bytes,
+            "max_batch_size": self.max_batch_size,
+            "max_sequence_length": self.max_sequence_length,
+            "max_queue_size": self.max_queue_size,
+        }
+        for name, value in positive.items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        non_negative: dict[str, float] = {
+            "drain_seconds": self.drain_seconds,
+            "grace_seconds": self.grace_seconds,
+            "max_connection_age_seconds": self.max_connection_age_seconds,
+            "max_connection_age_grace_seconds": self.max_connection_age_grace_seconds,
+            "max_batch_delay_us": self.max_batch_delay_us,
+        }
+        for name, amount in non_negative.items():
+            if amount < 0:
+                raise ValueError(f"{name} must be >= 0, got {amount}")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
+
+
+def _metrics_port(text: str) -> int | None:
+    # 0 binds a free port (tests, benchmarks); "off" or -1 turns the endpoint off.
+    if text.strip().lower() in ("off", "-1"):
+        return None
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One setting: its field, flag, environment variable, parser and help."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("host", "MHA_HOST", str, "address to bind"),
+    Spec("port", "MHA_PORT", int, "gRPC port (0 = any free port)"),
+    Spec("metrics_port", "MHA_METRICS_PORT", _metrics_port,
+         "Prometheus /metrics port (0 = any free port, off = no endpoint)"),
+    Spec("repository", "MHA_REPOSITORY", Path, "model repository folder"),
+    Spec("device", "MHA_DEVICE", str, "execution provider policy", DEVICES),
+    Spec("threads", "MHA_THREADS", int, "intra-op threads per session (default: CPU quota)"),
+    Spec("workers", "MHA_WORKERS", int, "session runs in flight at once"),
+    Spec("max_message_bytes", "MHA_MAX_MESSAGE_BYTES", int, "largest gRPC message"),
+    Spec("max_batch_size", "MHA_MAX_BATCH_SIZE", int, "samples per request (default: mha.json)"),
+    Spec("max_sequence_length", "MHA_MAX_SEQUENCE_LENGTH", int,
+         "L and S per request (default: mha.json)"),
+    Spec("reflection", "MHA_REFLECTION", _bool, "serve gRPC reflection"),
+    Spec("log_level", "MHA_LOG_LEVEL", str.upper, "log level"),
+    Spec("log_format", "MHA_LOG_FORMAT", str, "log format", LOG_FORMATS),
+    Spec("drain_seconds", "MHA_DRAIN_SECONDS", float,
+         "on SIGTERM: NOT_SERVING but still serving for this long"),
+    Spec("grace_seconds", "MHA_GRACE_SECONDS", float, "in-flight requests finish within this"),
+    Spec("max_connection_age_seconds", "MHA_MAX_CONNECTION_AGE_SECONDS", float,
+         "close connections after this age (0 = off)"),
+    Spec("max_connection_age_grace_seconds", "MHA_MAX_CONNECTION_AGE_GRACE_SECONDS", float,
+         "grace for calls on an aged connection (0 = off)"),
+    Spec("batching", "MHA_BATCHING", _bool, "dynamic batching"),
+    Spec("max_batch_delay_us", "MHA_MAX_BATCH_DELAY_US", int,
+         "how long a batch's first request may wait for company"),
+    Spec("max_queue_size", "MHA_MAX_QUEUE_SIZE", int, "requests waiting per model version"),
+    Spec("batch_policy", "MHA_BATCH_POLICY", str, "padding policy of the batcher"),
+    Spec("max_padding_fraction", "MHA_MAX_PADDING_FRACTION", float,
+         "padded tokens / all tokens allowed in one batch"),
+    Spec("port_file", "MHA_PORT_FILE", Path, "write the bound gRPC port to this file"),
+    Spec("no_compute", "MHA_NO_COMPUTE", _bool,
+         "benchmark floor: validate requests, answer zeros without running the model"),
+)  # fmt: skip
+
+_BOOLEAN_FIELDS = {"reflection", "batching", "no_compute"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; defaults stay None so the environment can fill them."""
+    defaults = Settings()
+    for spec in SPECS:
+        default = getattr(defaults, spec.field)
+        help_text = f"{spec.help} [env {spec.env}; default {default}]"
+        if spec.field in _BOOLEAN_FIELDS:
+            parser.add_argument(
+                spec.flag, dest=spec.field, action=argparse.BooleanOptionalAction,
+                default=None, help=help_text,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                spec.flag, dest=spec.field, type=spec.parse, choices=spec.choices,
+                default=None, help=help_text, metavar=spec.field.upper(),
+            )  # fmt: skip
+
+
+def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) -> Settings:
+    """Build Settings: flag if given, else MHA_* variable, else the default.
+
+    Raises ValueError naming the variable or setting when a value does not parse.
+    """
+    values: dict[str, Any] = {}
+    known = {f.name for f in fields(Settings)}
+    for spec in SPECS:
+        assert spec.field in known  # a typo in SPECS is a bug, not an input error
+        given = getattr(args, spec.field, None) if args is not None else None
+        if given is not None:
+            values[spec.field] = given
+        elif environ.get(spec.env, "") != "":
+            try:
+                values[spec.field] = spec.parse(environ[spec.env])
+            except ValueError as err:
+                raise ValueError(f"{spec.env}={environ[spec.env]!r}: {err}") from None
+            if spec.choices and values[spec.field] not in spec.choices:
+                raise ValueError(
+                    f"{spec.env}={environ[spec.env]!r}: choose from {', '.join(spec.choices)}"
+                )
+    return Settings(**values)

@@ -1,0 +1,121 @@
+"""ModelStatistics accumulators (Triton's semantics) fed from the same events as Prometheus.
+
+Per model version, as proto/grpc_predict_v2.proto describes:
+  inference_stats.success / fail   requests, receive -> response (count, total ns)
+  inference_stats.queue            successful requests' time queued before compute
+  inference_stats.compute_infer    successful requests' compute time (a shared batch run
+                                   counts in full for each request it served)
+  inference_count                  samples (B) of successful requests
+  execution_count                  session runs (a batch of requests counts once)
+  batch_stats[batch_size]          session runs of that many samples: compute_infer
+  last_inference                   ms since the epoch of the last request
+
+StatsMetrics extends Metrics so that every recorded event lands in both places: the
+Prometheus counters and ModelStatistics cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service.metrics import Metrics
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += max(0, ns)
+
+    def proto(self) -> pb.StatisticDuration:
+        return pb.StatisticDuration(count=self.count, ns=self.ns)
+
+
+@dataclass
+class VersionStats:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
+
+    def proto(self, name: str, version: str) -> pb.ModelStatistics:
+        return pb.ModelStatistics(
+            name=name,
+            version=version,
+            last_inference=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            inference_stats=pb.InferStatistics(
+                success=self.success.proto(),
+                fail=self.fail.proto(),
+                queue=self.queue.proto(),
+                compute_infer=self.compute_infer.proto(),
+            ),
+            batch_stats=[
+                pb.InferBatchStatistics(batch_size=size, compute_infer=d.proto())
+                for size, d in sorted(self.batches.items())
+            ],
+        )
+
+
+class Statistics:
+    """Thread-safe: batch runs are recorded from scheduler threads and the event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stats: dict[tuple[str, str], VersionStats] = defaultdict(VersionStats)
+
+    def success(
+        self, model: str, version: str, request_ns: int, queue_ns: int, compute_ns: int,
+        samples: int,
+    ) -> None:  # fmt: skip
+        with self._lock:
+            stats = self._stats[model, version]
+            stats.success.add(request_ns)
+            stats.queue.add(queue_ns)
+            stats.compute_infer.add(compute_ns)
+            stats.inference_count += samples
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    def failure(self, model: str, version: str, request_ns: int) -> None:
+        with self._lock:
+            stats = self._stats[model, version]
+            stats.fail.add(request_ns)
+            stats.last_inference_ms = int(time.time() * 1000)
+
+    def execution(self, model: str, version: str, compute_ns: int, samples: int) -> None:
+        with self._lock:
+            stats = self._stats[model, version]
+            stats.execution_count += 1
+            stats.batches[samples].add(compute_ns)
+
+    def proto(self, model: str, version: str) -> pb.ModelStatistics:
+        with self._lock:
+            return self._stats[model, version].proto(model, version)
+
+
+class StatsMetrics(Metrics):
+    """Metrics that also feed Statistics, so ModelStatistics agrees with /metrics."""
+
+    def __init__(self, statistics: Statistics, registry: CollectorRegistry | None = None) -> None:
+        super().__init__(registry)
+        self.statistics = statistics
+
+    def batch_run(
+        self, model: str, version: str, seconds: float, samples: int, padding_fraction: float
+    ) -> None:
+        super().batch_run(model, version, seconds, samples, padding_fraction)
+        self.statistics.execution(model, version, int(seconds * 1e9), samples)
