@@ -1,0 +1,81 @@
+"""Check a running `mha serve` from outside its container: health, then one inference.
+
+Used by deploy/smoke.sh. `wait` polls grpc.health.v1 until readiness is SERVING and prints
+every health service's status; `infer` sends one request without the `mha infer` command
+(for trees where it does not exist yet), built with mha.service.codec.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from mha.service import codec
+
+# The readiness names and the liveness name fixed in DEVELOPERS.md.
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "liveness")
+
+
+def health(stub: health_pb2_grpc.HealthStub, service: str) -> str:
+    """The status name of one health service, or the RPC error's code name."""
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+    except grpc.RpcError as err:
+        return err.code().name  # type: ignore[attr-defined]
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait(target: str, timeout_s: float) -> int:
+    """Poll until readiness is SERVING; print each service's status; 0 on success."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            statuses = {name: health(stub, name) for name in HEALTH_SERVICES}
+            if statuses["inference.GRPCInferenceService"] == "SERVING":
+                break
+            if time.monotonic() > deadline:
+                print(f"not ready after {timeout_s:.0f} s: {statuses}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    for name, status in statuses.items():
+        print(f"health {name or '(server)'!r}: {status}")
+    return 0
+
+
+def infer(target: str, model: str, d_model: int) -> int:
+    """Send one self-attention request (B=2, L=5) and print the output's shape and stats."""
+    query = np.random.default_rng(0).standard_normal((2, 5, d_model), dtype=np.float32)
+    request = codec.infer_request(model, {"query": query})
+    with grpc.insecure_channel(target) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    output = codec.response_arrays(reply)["output"]
+    print(
+        f"infer {reply.model_name} v{reply.model_version}: output {output.dtype} "
+        f"{list(output.shape)} mean {output.mean():+.6f} finite {bool(np.isfinite(output).all())}"
+    )
+    return 0 if output.shape == query.shape and np.isfinite(output).all() else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run one check."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("check", choices=["wait", "infer"])
+    parser.add_argument("--target", required=True, help="host:port of the gRPC server")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--model", default="mha")
+    parser.add_argument("--d-model", type=int, default=512)
+    args = parser.parse_args(argv)
+    if args.check == "wait":
+        return wait(args.target, args.timeout)
+    return infer(args.target, args.model, args.d_model)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
