@@ -1,0 +1,232 @@
+"""`mha bench serve`: load-test an Open Inference Protocol server, and this one against its bounds.
+
+By default it starts the project's own server (`mha serve` on loopback, port 0) with
+batching on, batching off and in the no-compute floor mode, and runs the in-process ONNX
+Runtime baseline on the same model file and request mix; --url measures an external
+server instead. Writes bench.json and bench.png to --out and prints the tables of issue 3
+section 7 and issue 4 section 4 with their targets. Figures, not a test: the machine may
+be shared, so the JSON records the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from mha.cli import CliError
+from mha.service import bench_report as report
+from mha.service.bench_plan import (
+    CONFIGS,
+    PRESETS,
+    SERVER_CONFIGS,
+    Point,
+    Preset,
+    Timing,
+    metadata_from_config,
+    plan,
+    read_config,
+)
+from mha.service.bench_run import Runner
+from mha.service.bench_server import mha_command
+from mha.service.client import Client, ClientError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to measure")
+    what.add_argument("--url", help="an external OIP server (default: start this project's)")
+    what.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
+    what.add_argument("--model", default="mha", help="model name (mha: exported if missing)")
+    what.add_argument("--version", default="", help="model version (default: the latest)")
+    what.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="full",
+        help="issue3, issue4, full (both), quick (seconds; for tests)",
+    )
+    what.add_argument("--quick", action="store_const", const="quick", dest="preset")
+    what.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    load = parser.add_argument_group("custom load (replaces the preset's)")
+    load.add_argument("--workloads", help="comma-separated BxL or BxLO-HI, e.g. 1x128,1x16-256")
+    load.add_argument("--concurrency", help="comma-separated closed-loop client counts")
+    load.add_argument("--rate", help="comma-separated open-loop rates (requests/s, Poisson)")
+    load.add_argument("--duration", type=float, help="measured seconds per point")
+    load.add_argument("--warmup", type=float, help="unmeasured seconds before each point")
+    load.add_argument("--max-requests", type=int, default=0, help="measured requests per point")
+    load.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
+    load.add_argument("--seed", type=int, default=0)
+    server = parser.add_argument_group("server")
+    server.add_argument("--threads", type=int, help="intra-op threads (server and in-process)")
+    server.add_argument("--max-batch-delay-us", type=int, help="passed to mha serve (batching on)")
+    server.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra `mha serve` argument (repeatable)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, default=Path("bench-out/serve"), help="folder")
+    output.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def presets(args: argparse.Namespace) -> tuple[Preset, ...]:
+    """The preset's measurements, with any custom load or timing laid over them."""
+    chosen = PRESETS[args.preset]
+    if args.workloads or args.concurrency or args.rate:
+        workloads = tuple(args.workloads.split(",")) if args.workloads else ("1x128",)
+        concurrency = (
+            tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1,)
+        )
+        chosen = (Preset("custom", workloads, concurrency),)
+    timing = {
+        k: v for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup)) if v is not None
+    }
+    if args.max_requests:
+        timing["max_requests"] = args.max_requests
+    return tuple(replace(p, timing=replace(p.timing, **timing)) for p in chosen)
+
+
+def configs(args: argparse.Namespace, has_model_file: bool) -> tuple[str, ...]:
+    if args.configs:
+        wanted = tuple(c.strip() for c in args.configs.split(",") if c.strip())
+        unknown = [c for c in wanted if c not in CONFIGS]
+        if unknown:
+            raise CliError(
+                f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}"
+            )
+    elif args.url:
+        wanted = ("external", "inprocess") if has_model_file else ("external",)
+    else:
+        wanted = ("on", "off", "floor", "inprocess")
+    if args.url and any(c in SERVER_CONFIGS for c in wanted):
+        raise CliError("--url measures an external server: --configs may be external, inprocess")
+    if "inprocess" in wanted and not has_model_file:
+        raise CliError(f"in-process baseline needs {args.repository}/{args.model}/<version>/")
+    return wanted
+
+
+def version_dir(args: argparse.Namespace) -> Path | None:
+    """The model's version folder in --repository (the latest unless --version)."""
+    model_dir = args.repository / args.model
+    if args.version:
+        found = model_dir / args.version
+        return found if (found / "model.onnx").is_file() else None
+    versions = sorted((int(p.name) for p in model_dir.glob("*") if p.name.isdigit()), reverse=True)
+    return next(
+        (model_dir / str(v) for v in versions if (model_dir / str(v) / "model.onnx").is_file()),
+        None,
+    )
+
+
+def ensure_model(args: argparse.Namespace) -> Path:
+    """The version folder, exporting the embedded default model when it is missing."""
+    found = version_dir(args)
+    if found is not None:
+        return found
+    if args.model != "mha":
+        raise CliError(f"no model {args.model!r} in {args.repository}; export it first")
+    print(f"exporting the default model to {args.repository} ...", file=sys.stderr)
+    command = [*mha_command(), "export", "--repository", str(args.repository), "--if-missing"]
+    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+        raise CliError("`mha export` failed; see its output above")
+    found = version_dir(args)
+    if found is None:
+        raise CliError(f"export did not produce {args.repository}/{args.model}/<version>")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    local = version_dir(args) if args.url else ensure_model(args)
+    if args.url:
+        try:
+            with Client(args.url, timeout=10) as client:
+                metadata = client.model_metadata(args.model, args.version)
+        except ClientError as err:
+            raise CliError(f"{args.url}: {err}") from None
+    else:
+        assert local is not None
+        metadata = metadata_from_config(read_config(local))
+    chosen = presets(args)
+    points: list[tuple[Point, Timing]] = plan(chosen, configs(args, local is not None))
+    args.out.mkdir(parents=True, exist_ok=True)
+    runner = Runner(args, metadata, local)
+    started, load_before = time.time(), os.getloadavg()
+    results, servers = runner.run_all(points)
+    document: dict[str, Any] = {
+        "preset": args.preset,
+        "started": started,
+        "seconds": time.time() - started,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "shared": True,
+        },
+        "model": {
+            "name": args.model,
+            "dir": str(local) if local else None,
+            "url": args.url,
+            "inputs": [t.name for t in metadata.inputs],
+        },
+        "servers": servers,
+        "points": results,
+    }
+    document["targets"] = print_tables(document, chosen)
+    (args.out / "bench.json").write_text(json.dumps(document, indent=1, default=float))
+    if not args.no_plot:
+        write_plot(document, args.out / "bench.png")
+    print(f"\nwrote {args.out / 'bench.json'}" + ("" if args.no_plot else " and bench.png"))
+    failed = sum(sum(p["errors"].values()) for p in results)
+    if failed:
+        print(f"mha bench serve: {failed} requests failed (see errors above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[dict]:
+    """Print every table; return the target checks."""
+    points, targets = document["points"], []
+    load = document["machine"]
+    print(
+        f"\nall points (load average before {load['loadavg_before'][0]:.2f}, "
+        f"after {load['loadavg_after'][0]:.2f}; shared machine)"
+    )
+    print(report.points_table(points))
+    names = {p.name for p in chosen}
+    if "issue3" in names:
+        text, found = report.issue3(points)
+        print("\nissue 3 section 7: end-to-end latency and throughput\n" + text)
+        targets += found
+    if "issue4" in names:
+        c32 = next(p.concurrency[0] for p in chosen if p.name == "issue4")
+        text, found = report.issue4(points, concurrency=c32)
+        print(f"\nissue 4 section 4: batching on vs off, {c32} clients\n" + text)
+        targets += found
+    if document["servers"]:
+        text, found = report.servers_table(document["servers"])
+        print("\nserving process\n" + text)
+        targets += found
+    if targets:
+        print("\ntargets\n" + report.targets_table(targets))
+    return targets
+
+
+def write_plot(document: dict[str, Any], path: Path) -> None:
+    from mha.service.plot import PlotUnavailable, latency_throughput
+
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for p in document["points"]:
+        if p["requests"] and p.get("merge", 1) == 1:
+            series.setdefault(f"{p['config']} {p['workload']}", []).append(
+                (p["rps"], p["p50_ms"], p["p99_ms"])
+            )
+    try:
+        latency_throughput(series, path, title=f"mha bench serve ({document['preset']})")
+    except PlotUnavailable as err:
+        print(f"mha bench serve: no plot: {err}", file=sys.stderr)

@@ -1,0 +1,156 @@
+"""What `mha bench serve` measures: workloads, configurations, presets, request pools.
+
+A workload is a request shape: B samples of query length L, fixed ("1x128") or drawn
+uniformly from a range ("1x16-256", the length mix). A point is one measurement: a
+configuration (server with batching on/off, the no-compute floor, in-process ONNX Runtime,
+or an external server) under one workload at one concurrency or arrival rate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service import codec
+from mha.service.infer_inputs import Sizes, random_inputs
+
+SERVER_CONFIGS = ("on", "off", "floor")  # the project's server, started by the bench
+CONFIGS = (*SERVER_CONFIGS, "inprocess", "external")
+_WORKLOAD = re.compile(r"^(\d+)x(\d+)(?:-(\d+))?$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch: int
+    low: int  # query length L (= S for self-attention), or the bottom of the range
+    high: int  # == low for a fixed shape
+
+    @classmethod
+    def parse(cls, text: str) -> Workload:
+        """ "1x128" (B=1, L=128) or "1x16-256" (L uniform in [16, 256])."""
+        match = _WORKLOAD.match(text.strip())
+        if not match:
+            raise ValueError(f"workload {text!r}: expected BxL or BxLO-HI, e.g. 1x128, 1x16-256")
+        batch, low = int(match[1]), int(match[2])
+        high = int(match[3]) if match[3] else low
+        if batch < 1 or low < 1 or high < low:
+            raise ValueError(f"workload {text!r}: need B >= 1 and 1 <= LO <= HI")
+        return cls(batch, low, high)
+
+    @property
+    def name(self) -> str:
+        return f"{self.batch}x{self.low}" + (f"-{self.high}" if self.high != self.low else "")
+
+    @property
+    def is_mix(self) -> bool:
+        return self.high != self.low
+
+
+@dataclass(frozen=True)
+class Point:
+    config: str
+    workload: Workload
+    concurrency: int = 1  # closed-loop clients (in-process: calling threads)
+    rate: float = 0.0  # open loop requests/s; 0 = closed loop
+    merge: int = 1  # in-process only: requests merged into one session run (best-batch sweep)
+
+    @property
+    def label(self) -> str:
+        load = f"rate {self.rate:g}/s" if self.rate else f"c={self.concurrency}"
+        merged = f" batch {self.merge}" if self.merge > 1 else ""
+        return f"{self.config} {self.workload.name} {load}{merged}"
+
+
+@dataclass(frozen=True)
+class Timing:
+    duration_s: float = 3.0
+    warmup_s: float = 0.5
+    sweep_duration_s: float = 1.5  # each batch size of the in-process best-batch sweep
+    max_requests: int = 0
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    workloads: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    configs: tuple[str, ...] = ("on", "off", "floor", "inprocess")
+    merges: tuple[int, ...] = ()  # in-process best-batch sweep (issue 4's bound)
+    timing: Timing = field(default_factory=Timing)
+
+
+ISSUE3 = Preset("issue3", ("1x16", "1x128", "8x128"), (1, 4, 16))
+ISSUE4 = Preset("issue4", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
+QUICK_TIMING = Timing(duration_s=0.4, warmup_s=0.1, sweep_duration_s=0.3)
+QUICK = (
+    Preset("issue3", ("1x16", "2x16"), (1, 4), timing=QUICK_TIMING),
+    Preset("issue4", ("1x16", "1x8-32"), (8,), merges=(1, 4), timing=QUICK_TIMING),
+)
+PRESETS = {"issue3": (ISSUE3,), "issue4": (ISSUE4,), "full": (ISSUE3, ISSUE4), "quick": QUICK}
+
+
+def plan(presets: tuple[Preset, ...], configs: tuple[str, ...]) -> list[tuple[Point, Timing]]:
+    """Every point of the presets for the configurations asked, grouped by configuration."""
+    points: list[tuple[Point, Timing]] = []
+    for config in configs:
+        for preset in presets:
+            for text in preset.workloads:
+                workload = Workload.parse(text)
+                if config == "inprocess" and preset.merges:
+                    points += [
+                        (Point(config, workload, 1, merge=m), preset.timing) for m in preset.merges
+                    ]
+                    continue
+                if config in preset.configs or config == "external":
+                    points += [
+                        (Point(config, workload, c), preset.timing) for c in preset.concurrency
+                    ]
+    unique: dict[Point, Timing] = {}
+    for point, timing in points:
+        unique.setdefault(point, timing)  # a workload in two presets is measured once
+    return list(unique.items())
+
+
+def metadata_from_config(config: dict) -> pb.ModelMetadataResponse:
+    """ModelMetadata as the server would report it, from a model's mha.json."""
+    response = pb.ModelMetadataResponse(name=config["name"], versions=[str(config["version"])])
+    for spec in config["inputs"]:
+        response.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
+    for spec in config["outputs"]:
+        response.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
+    return response
+
+
+def read_config(version_dir: Path) -> dict:
+    return json.loads((version_dir / "mha.json").read_text())
+
+
+@dataclass
+class Pool:
+    """Distinct requests of one workload: arrays (in-process) and serialized bytes (wire)."""
+
+    arrays: list[dict[str, np.ndarray]]
+    wire: list[bytes]
+
+
+def build_pool(
+    metadata: pb.ModelMetadataResponse, model: str, version: str, workload: Workload, seed: int
+) -> Pool:
+    """Seeded random requests: 8 of a fixed shape, or 64 with lengths drawn from the range."""
+    rng = np.random.default_rng(seed)
+    size = 64 if workload.is_mix else 8
+    lengths = rng.integers(workload.low, workload.high + 1, size)
+    arrays = [
+        random_inputs(metadata, Sizes(workload.batch, int(length)), seed + i)
+        for i, length in enumerate(lengths)
+    ]
+    wire = [
+        codec.infer_request(model, a, version=version, request_id="").SerializeToString()
+        for a in arrays
+    ]
+    return Pool(arrays, wire)

@@ -1,0 +1,256 @@
+"""Tables and target checks for `mha bench serve` results.
+
+Points are plain dicts (what the JSON holds): config, workload, concurrency, rate, merge,
+rps, p50_ms, p90_ms, p99_ms, max_ms, requests, errors, and for served runs mean_batch and
+padding_fraction. Targets are those of issue 3 section 7 and issue 4 section 4.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+Row = dict[str, Any]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table, numbers formatted for reading."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(list(headers)), rule] + [line(r) for r in cells])
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return str(value)
+
+
+def find(points: Sequence[Row], **where: Any) -> Row | None:
+    """The first point matching every field given."""
+    return next((p for p in points if all(p.get(k) == v for k, v in where.items())), None)
+
+
+def _get(point: Row | None, key: str) -> float:
+    return float(point[key]) if point is not None and point.get(key) is not None else math.nan
+
+
+def points_table(points: Sequence[Row]) -> str:
+    rows = []
+    for p in points:
+        load = f"rate {p['rate']:g}/s" if p["rate"] else f"c={p['concurrency']}"
+        if p.get("merge", 1) > 1:
+            load += f" x{p['merge']}"
+        errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
+        rows.append(
+            [
+                p["config"],
+                p["workload"],
+                load,
+                p["requests"],
+                p["rps"],
+                p["p50_ms"],
+                p["p90_ms"],
+                p["p99_ms"],
+                p["max_ms"],
+                p.get("mean_batch"),
+                p.get("padding_fraction"),
+                errors,
+            ]
+        )
+    headers = [
+        "config",
+        "workload",
+        "load",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "mean batch",
+        "padding",
+        "errors",
+    ]
+    return table(headers, rows)
+
+
+def inprocess_best(points: Sequence[Row], workload: str) -> Row | None:
+    """The in-process point with the highest request rate on a workload."""
+    candidates = [p for p in points if p["config"] == "inprocess" and p["workload"] == workload]
+    return max(candidates, key=lambda p: p["rps"], default=None)
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "NOT met")
+
+
+def _check(value: float, bound: float, higher_is_better: bool) -> bool | None:
+    if math.isnan(value) or math.isnan(bound):
+        return None
+    return value >= bound if higher_is_better else value <= bound
+
+
+def issue3(points: Sequence[Row], server: str = "on") -> tuple[str, list[Row]]:
+    """Issue 3 section 7: latency at c=1, throughput at c=1,4,16; and its targets."""
+    rows = []
+    workloads = [w for w in ("1x16", "1x128", "8x128") if find(points, workload=w)]
+    for w in workloads:
+        for config in ("on", "off", "floor", "inprocess", "external"):
+            one = find(points, config=config, workload=w, concurrency=1, merge=1)
+            if one is None:
+                continue
+            rows.append(
+                [w, config, _get(one, "p50_ms"), _get(one, "p99_ms")]
+                + [
+                    _get(find(points, config=config, workload=w, concurrency=c, merge=1), "rps")
+                    for c in (1, 4, 16)
+                ]
+            )
+    text = table(
+        ["(B,L)", "config", "p50 ms c=1", "p99 ms c=1", "req/s c=1", "req/s c=4", "req/s c=16"],
+        rows,
+    )
+    targets = []
+    served = find(points, config=server, workload="1x128", concurrency=1, merge=1)
+    local = find(points, config="inprocess", workload="1x128", concurrency=1, merge=1)
+    limit = _get(local, "p50_ms") + 1.3
+    targets.append(
+        {
+            "target": f"p50 c=1 (1,128) {server} <= in-process p50 + 1.3 ms",
+            "value": _get(served, "p50_ms"),
+            "bound": limit,
+            "ok": _check(_get(served, "p50_ms"), limit, False),
+        }
+    )
+    for w, share in (("1x128", 0.55), ("1x16", 0.25)):
+        rps = _get(find(points, config=server, workload=w, concurrency=16, merge=1), "rps")
+        best = inprocess_best([p for p in points if p.get("merge", 1) == 1], w)
+        bound = share * _get(best, "rps")
+        targets.append(
+            {
+                "target": f"req/s c=16 {w} {server} >= {share:.0%} of in-process "
+                f"(best, c={best['concurrency'] if best else '-'})",
+                "value": rps,
+                "bound": bound,
+                "ok": _check(rps, bound, True),
+            }
+        )
+    return text, targets
+
+
+def issue4(points: Sequence[Row], concurrency: int = 32) -> tuple[str, list[Row]]:
+    """Issue 4 section 4: batching on vs off at 32 clients, and the floor/compute bound."""
+    rows, targets = [], []
+    for w in ("1x16", "1x128", "1x16-256"):
+        on = find(points, config="on", workload=w, concurrency=concurrency)
+        off = find(points, config="off", workload=w, concurrency=concurrency)
+        floor = find(points, config="floor", workload=w, concurrency=concurrency)
+        local = inprocess_best(points, w)
+        if on is None and off is None:
+            continue
+        bound = 1 / (1 / _get(floor, "rps") + 1 / _get(local, "rps"))
+        best = max(_get(on, "rps"), _get(off, "rps"))
+        rows.append(
+            [
+                w,
+                _get(on, "rps"),
+                _get(off, "rps"),
+                _get(on, "rps") / _get(off, "rps"),
+                _get(on, "p99_ms"),
+                _get(off, "p99_ms"),
+                _get(on, "padding_fraction"),
+                _get(on, "mean_batch"),
+                _get(floor, "rps"),
+                _get(local, "rps"),
+                local["merge"] if local else None,
+                bound,
+                best / bound,
+            ]
+        )
+        targets += [
+            {
+                "target": f"{w}: req/s on >= 1.0x off",
+                "value": _get(on, "rps"),
+                "bound": _get(off, "rps"),
+                "ok": _check(_get(on, "rps"), _get(off, "rps"), True),
+            },
+            {
+                "target": f"{w}: p99 on <= 1.1x p99 off",
+                "value": _get(on, "p99_ms"),
+                "bound": 1.1 * _get(off, "p99_ms"),
+                "ok": _check(_get(on, "p99_ms"), 1.1 * _get(off, "p99_ms"), False),
+            },
+            {
+                "target": f"{w}: best server >= 90% of bound",
+                "value": best,
+                "bound": 0.9 * bound,
+                "ok": _check(best, 0.9 * bound, True),
+            },
+        ]
+        if w == "1x16-256":
+            pad = _get(on, "padding_fraction")
+            targets.append(
+                {
+                    "target": f"{w}: padded-token fraction (on) <= 25%",
+                    "value": pad,
+                    "bound": 0.25,
+                    "ok": _check(pad, 0.25, False),
+                }
+            )
+    headers = [
+        "workload",
+        "on req/s",
+        "off req/s",
+        "on/off",
+        "on p99 ms",
+        "off p99 ms",
+        "padding",
+        "mean batch",
+        "floor req/s",
+        "in-proc req/s",
+        "best batch",
+        "bound",
+        "best/bound",
+    ]
+    return table(headers, rows), targets
+
+
+def servers_table(servers: dict[str, Row]) -> tuple[str, list[Row]]:
+    """Start-up time and resident memory per server configuration, with issue 3's targets."""
+    rows = [[c, s["startup_s"], s["rss_mb"], s.get("model", "")] for c, s in servers.items()]
+    targets = []
+    on = servers.get("on")
+    if on is not None:
+        targets += [
+            {
+                "target": "start to SERVING < 2 s (on)",
+                "value": on["startup_s"],
+                "bound": 2.0,
+                "ok": _check(on["startup_s"], 2.0, False),
+            },
+            {
+                "target": "resident memory < 200 MB (on)",
+                "value": on["rss_mb"],
+                "bound": 200.0,
+                "ok": _check(on["rss_mb"], 200.0, False),
+            },
+        ]
+    return table(["server", "start to SERVING s", "VmRSS MB", "model"], rows), targets
+
+
+def targets_table(targets: Sequence[Row]) -> str:
+    return table(
+        ["target", "measured", "bound", "verdict"],
+        [[t["target"], t["value"], t["bound"], verdict(t["ok"])] for t in targets],
+    )

@@ -1,0 +1,231 @@
+"""Run a benchmark plan: one server per configuration, each point in turn, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service.bench_plan import SERVER_CONFIGS, Point, Pool, Timing, build_pool
+from mha.service.bench_server import ServerProcess, histogram_totals, start_server
+from mha.service.client import Client, ClientError
+from mha.service.inprocess import batches, make_session, run_inprocess
+from mha.service.loadgen import LoadResult, LoadSpec, run_load
+
+PADDING = "mha_batch_padding_fraction"
+
+
+class Progress:
+    """One updating line on stderr: point k of n, its label, a time bar and the count."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.index = 0
+        self.label = ""
+        self.started = 0.0
+        self.span = 1.0
+        self.tty = sys.stderr.isatty()
+
+    def begin(self, label: str, span_s: float) -> None:
+        self.index += 1
+        self.label, self.span, self.started = label, span_s, time.monotonic()
+        self.update(0)
+
+    def update(self, count: int) -> None:
+        done = min(1.0, (time.monotonic() - self.started) / self.span)
+        bar = "#" * int(done * 20) + "-" * (20 - int(done * 20))
+        line = f"[{self.index:>3}/{self.total}] [{bar}] {self.label:<34} {count:>7} answers"
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+
+    def end(self, summary: str) -> None:
+        prefix = "\r" if self.tty else ""
+        print(
+            f"{prefix}[{self.index:>3}/{self.total}] {self.label:<34} {summary:<40}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+class Runner:
+    def __init__(
+        self, args: argparse.Namespace, metadata: pb.ModelMetadataResponse, local: Path | None
+    ) -> None:
+        self.args = args
+        self.metadata = metadata
+        self.local = local
+        self.version = args.version
+        self._pools: dict[str, Pool] = {}
+
+    def pool(self, point: Point) -> Pool:
+        key = point.workload.name
+        if key not in self._pools:
+            self._pools[key] = build_pool(
+                self.metadata, self.args.model, self.version, point.workload, self.args.seed
+            )
+        return self._pools[key]
+
+    def run_all(self, points: list[tuple[Point, Timing]]) -> tuple[list[dict], dict[str, dict]]:
+        """Measure every point; return point records and per-server facts."""
+        progress = Progress(len(points))
+        results: list[dict] = []
+        servers: dict[str, dict] = {}
+        for config, group in itertools.groupby(points, key=lambda pt: pt[0].config):
+            todo = list(group)
+            if config == "inprocess":
+                results += self._inprocess(todo, progress)
+            elif config == "external":
+                results += [self._served(self.args.url, p, t, progress, None) for p, t in todo]
+            else:
+                results += self._server(config, todo, progress, servers)
+        return results, servers
+
+    def _server(
+        self,
+        config: str,
+        todo: list[tuple[Point, Timing]],
+        progress: Progress,
+        servers: dict[str, dict],
+    ) -> list[dict]:
+        assert config in SERVER_CONFIGS and self.local is not None
+        extra = list(self.args.server_arg)
+        if config == "on" and self.args.max_batch_delay_us is not None:
+            extra += ["--max-batch-delay-us", str(self.args.max_batch_delay_us)]
+        log_dir = Path(tempfile.mkdtemp(prefix="mha-bench-"))
+        print(f"starting mha serve ({config}) ...", file=sys.stderr, flush=True)
+        server = start_server(
+            self.local.parent.parent,
+            config,
+            threads=self.args.threads,
+            extra=extra,
+            log_dir=log_dir,
+        )
+        try:
+            results = [self._served(server.url, p, t, progress, server) for p, t in todo]
+            servers[config] = {
+                "startup_s": server.startup_s,
+                "rss_mb": server.rss_mb(),
+                "flags": server.flags,
+                "model": self.args.model,
+                "log": str(server.log_path),
+            }
+        finally:
+            server.stop()
+        return results
+
+    def _served(
+        self,
+        url: str,
+        point: Point,
+        timing: Timing,
+        progress: Progress,
+        server: ServerProcess | None,
+    ) -> dict:
+        spec = LoadSpec(
+            url,
+            self.pool(point).wire,
+            concurrency=point.concurrency,
+            rate=point.rate,
+            duration_s=timing.duration_s,
+            warmup_s=timing.warmup_s,
+            max_requests=timing.max_requests,
+            seed=self.args.seed,
+            processes=self.args.client_procs,
+        )
+        before = self._counters(url, server)
+        progress.begin(point.label, timing.warmup_s + timing.duration_s)
+        result = run_load(spec, on_progress=progress.update)
+        record = self._record(point, result)
+        after = self._counters(url, server)
+        record.update(_deltas(before, after))
+        progress.end(_summary(record))
+        return record
+
+    def _counters(self, url: str, server: ServerProcess | None) -> dict[str, float]:
+        """Samples and runs (ModelStatistics) and padding totals (/metrics) so far."""
+        counters: dict[str, float] = {}
+        try:
+            with Client(url, timeout=5) as client:
+                stats = client.statistics(self.args.model, self.version).model_stats
+            counters["samples"] = sum(s.inference_count for s in stats)
+            counters["runs"] = sum(s.execution_count for s in stats)
+        except ClientError:
+            pass  # a server without ModelStatistics: no mean batch
+        if server is not None:
+            with contextlib.suppress(OSError):  # no metrics endpoint: no padding fraction
+                text = server.metrics()
+                counters["pad_sum"], counters["pad_count"] = histogram_totals(
+                    text, PADDING, self.args.model
+                )
+        return counters
+
+    def _inprocess(self, todo: list[tuple[Point, Timing]], progress: Progress) -> list[dict]:
+        assert self.local is not None
+        session = make_session(self.local / "model.onnx", self.args.threads)
+        graph_inputs = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in self.metadata.outputs if o.name != "attention_weights"]
+        records = []
+        for point, timing in todo:
+            feeds = batches(self.pool(point).arrays, graph_inputs, point.merge, self.args.seed)
+            span = timing.sweep_duration_s if point.merge > 1 else timing.duration_s
+            progress.begin(point.label, timing.warmup_s + span)
+            result = run_inprocess(
+                session,
+                feeds,
+                outputs,
+                concurrency=point.concurrency,
+                duration_s=span,
+                warmup_s=timing.warmup_s,
+                max_requests=timing.max_requests,
+                seed=self.args.seed,
+                on_progress=progress.update,
+            )
+            record = self._record(point, result, per_call=point.merge)
+            progress.end(_summary(record))
+            records.append(record)
+        return records
+
+    def _record(self, point: Point, result: LoadResult, per_call: int = 1) -> dict[str, Any]:
+        return {
+            "config": point.config,
+            "workload": point.workload.name,
+            "concurrency": point.concurrency,
+            "rate": point.rate,
+            "merge": point.merge,
+            "requests": result.completed * per_call,
+            "sent": result.sent,
+            "seconds": result.elapsed_s,
+            "rps": result.throughput * per_call,
+            "p50_ms": result.percentile_ms(50),
+            "p90_ms": result.percentile_ms(90),
+            "p99_ms": result.percentile_ms(99),
+            "max_ms": result.percentile_ms(100),
+            "errors": result.errors,
+        }
+
+
+def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    def delta(key: str) -> float | None:
+        return after[key] - before[key] if key in before and key in after else None
+
+    runs, samples = delta("runs"), delta("samples")
+    pad_sum, pad_count = delta("pad_sum"), delta("pad_count")
+    return {
+        "mean_batch": samples / runs if runs and samples is not None else None,
+        # mean over session runs of each run's padded-token fraction
+        "padding_fraction": pad_sum / pad_count if pad_count and pad_sum is not None else None,
+    }
+
+
+def _summary(record: dict[str, Any]) -> str:
+    errors = sum(record["errors"].values())
+    return (
+        f"{record['rps']:8.1f} req/s  p50 {record['p50_ms']:.2f} ms  "
+        f"p99 {record['p99_ms']:.2f} ms" + (f"  {errors} errors" if errors else "")
+    )

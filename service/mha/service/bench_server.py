@@ -1,0 +1,156 @@
+"""The project's server as a subprocess for the benchmark: start, time to SERVING, memory, stop.
+
+`mha serve` binds port 0 and writes the port it got to --port-file; the time to SERVING is
+measured from process start to the first grpc.health.v1 SERVING answer for service "".
+The metrics port is picked here (a free port) so the bench can scrape /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mha.service.client import Client, ClientError
+
+# bench configuration -> `mha serve` flags
+CONFIG_FLAGS = {
+    "on": ["--batching"],
+    "off": ["--no-batching"],
+    "floor": ["--no-batching", "--no-compute"],
+}
+
+
+class ServerFailed(RuntimeError):
+    """The server exited or did not become SERVING in time."""
+
+
+def mha_command() -> list[str]:
+    """The `mha` entry point of this environment."""
+    beside = Path(sys.executable).with_name("mha")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("mha")
+    return [found] if found else [sys.executable, "-m", "mha.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    url: str
+    metrics_port: int
+    startup_s: float
+    log_path: Path
+    flags: list[str] = field(default_factory=list)
+
+    def rss_mb(self) -> float:
+        """Resident memory of the serving process (VmRSS), MB (10**6 bytes)."""
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)  # kB here means KiB
+        return int(match[1]) * 1024 / 1e6 if match else float("nan")
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition of /metrics."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if it lingers; return the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def start_server(
+    repository: Path,
+    config: str,
+    *,
+    threads: int | None,
+    extra: list[str],
+    log_dir: Path,
+    timeout_s: float = 180.0,
+) -> ServerProcess:
+    """Start `mha serve` on loopback in `config` and wait until it is SERVING."""
+    port_file = Path(tempfile.mkdtemp(dir=log_dir)) / "port"
+    metrics_port = free_port()
+    flags = [*CONFIG_FLAGS[config], *extra] + (["--threads", str(threads)] if threads else [])
+    command = [
+        *mha_command(),
+        "serve",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--port-file",
+        str(port_file),
+        "--metrics-port",
+        str(metrics_port),
+        *flags,
+    ]
+    log_path = log_dir / f"server-{config}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = _wait_serving(process, port_file, started + timeout_s, log_path)
+    except BaseException:
+        ServerProcess(process, "", metrics_port, 0.0, log_path).stop(timeout=5)
+        raise
+    startup = time.perf_counter() - started
+    return ServerProcess(process, url, metrics_port, startup, log_path, flags)
+
+
+def _wait_serving(process: subprocess.Popen, port_file: Path, deadline: float, log: Path) -> str:
+    url = ""
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise ServerFailed(f"mha serve exited with {process.returncode}:\n{log_tail(log)}")
+        if not url and port_file.exists() and port_file.read_text().strip():
+            url = f"127.0.0.1:{int(port_file.read_text().strip())}"
+        if url:
+            with contextlib.suppress(ClientError), Client(url, timeout=1.0) as client:
+                if client.health("") == "SERVING":
+                    return url
+        time.sleep(0.005)
+    raise ServerFailed(f"mha serve not SERVING in time:\n{log_tail(log)}")
+
+
+def histogram_totals(text: str, name: str, model: str) -> tuple[float, float]:
+    """(sum, count) of a histogram over every version of `model`, from /metrics text."""
+    totals = {"sum": 0.0, "count": 0.0}
+    pattern = re.compile(rf"^{re.escape(name)}_(sum|count)\{{([^}}]*)\}} (\S+)$", re.MULTILINE)
+    for kind, labels, value in pattern.findall(text):
+        if f'model="{model}"' in labels:
+            totals[kind] += float(value)
+    return totals["sum"], totals["count"]

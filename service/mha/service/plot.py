@@ -1,0 +1,89 @@
+"""PNG figures for people: attention heatmaps (`mha infer --plot`) and latency vs throughput.
+
+matplotlib is an optional extra (`plot`): it is imported only here, only when a figure is
+asked for, with the Agg backend so no display is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotUnavailable(
+            "plotting needs matplotlib: pip install 'mha-serve[plot]' (or matplotlib)"
+        ) from None
+    return plt
+
+
+def attention_heatmaps(
+    weights: np.ndarray, path: Path, *, sample: int = 0, title: str = ""
+) -> None:
+    """One heatmap per head of weights[sample] ([B, h, L, S]), query rows by key columns."""
+    if weights.ndim != 4:
+        raise ValueError(f"attention weights must be [B, h, L, S], got shape {weights.shape}")
+    plt = _pyplot()
+    heads = weights.shape[1]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for head in range(rows * cols):
+        ax = axes[head // cols][head % cols]
+        if head >= heads:
+            ax.axis("off")
+            continue
+        image = ax.imshow(
+            weights[sample, head].astype(np.float32), aspect="auto", cmap="viridis", vmin=0.0
+        )
+        ax.set_title(f"head {head}")
+        ax.set_xlabel("key position")
+        ax.set_ylabel("query position")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(title or f"attention weights, sample {sample}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def latency_throughput(
+    series: Mapping[str, Sequence[tuple[float, float, float]]], path: Path, title: str = ""
+) -> None:
+    """One line per configuration: (throughput rps, p50 ms, p99 ms) points, p99 dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, points in series.items():
+        ordered = sorted(points)
+        rps = [p[0] for p in ordered]
+        line = ax.plot(rps, [p[1] for p in ordered], marker="o", label=f"{label} p50")[0]
+        ax.plot(
+            rps,
+            [p[2] for p in ordered],
+            marker="x",
+            linestyle="--",
+            color=line.get_color(),
+            label=f"{label} p99",
+        )
+    ax.set_xlabel("throughput (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title or "latency vs throughput")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
