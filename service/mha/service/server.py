@@ -16,6 +16,7 @@ import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import onnxruntime as ort
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service import devices, model_repository, runtime
+from mha.service.errors import StartupError
 from mha.service.scheduling import DirectScheduler, Runner, Scheduler
 from mha.service.servicer import InferenceServicer
 from mha.service.settings import Settings
@@ -154,19 +156,28 @@ class Server:
                     "without batching", spec.name, spec.version,
                 )  # fmt: skip
             else:
-                options = batching.BatchingOptions(
-                    max_batch_size=min(batching.BatchingOptions().max_batch_size,
-                                       limits.max_batch_size),
-                    max_queue_delay_us=self.settings.max_batch_delay_us,
-                    max_queue_size=self.settings.max_queue_size,
-                    policy=self.settings.batch_policy,
-                    max_padding_fraction=self.settings.max_padding_fraction,
-                )  # fmt: skip
-                return batching.BatchingScheduler(  # type: ignore[no-any-return]
-                    runner, options, self_attention=spec.self_attention, metrics=self.metrics,
-                    labels=labels, executor=self.executor,
-                )  # fmt: skip
+                return self._batching_scheduler(batching, spec, runner, limits)
         return DirectScheduler(runner, self.executor, metrics=self.metrics, labels=labels)
+
+    def _batching_scheduler(
+        self, batching: Any, spec: model_repository.ModelSpec, runner: Runner, limits: Limits
+    ) -> Scheduler:
+        try:
+            options = batching.BatchingOptions(
+                # The batcher's own default (32) capped by the server's per-request limit.
+                max_batch_size=min(batching.BatchingOptions().max_batch_size,
+                                   limits.max_batch_size),
+                max_queue_delay_us=self.settings.max_batch_delay_us,
+                max_queue_size=self.settings.max_queue_size,
+                policy=self.settings.batch_policy,
+                max_padding_fraction=self.settings.max_padding_fraction,
+            )  # fmt: skip
+        except ValueError as err:
+            raise StartupError(f"batching settings: {err}") from err
+        return batching.BatchingScheduler(  # type: ignore[no-any-return]
+            runner, options, self_attention=spec.self_attention, metrics=self.metrics,
+            labels=(spec.name, str(spec.version)), executor=self.executor,
+        )  # fmt: skip
 
     async def drain(self) -> None:
         """Readiness NOT_SERVING at once; keep serving for drain_seconds."""

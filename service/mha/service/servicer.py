@@ -49,17 +49,17 @@ def rpc(method: Handler) -> Handler:
 
     @functools.wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        token = logs.request_id.set(getattr(request, "id", "") or uuid.uuid4().hex[:12])
+        request_id = getattr(request, "id", "") or uuid.uuid4().hex[:12]
+        token = logs.request_id.set(request_id)
+        extra = {"request_id": request_id}  # for handlers without logs.RequestIdFilter
         try:
             return await method(self, request, context)
         except ServiceError as err:
-            log.info("%s refused: %s %s", method.__name__, err.code.name, err.message)
+            log.info("%s refused: %s %s", method.__name__, err.code.name, err.message, extra=extra)
             await context.abort(err.code, err.message)
         except Exception:
-            log.exception("%s failed unexpectedly", method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE}: {logs.request_id.get()}"
-            )
+            log.exception("%s failed unexpectedly", method.__name__, extra=extra)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{INTERNAL_MESSAGE}: {request_id}")
         finally:
             logs.request_id.reset(token)
 
