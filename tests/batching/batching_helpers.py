@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ class Model:
 
 
 class CountingRunner:
-    """A model's real runner that counts its runs, records their batch sizes, and can hold.
+    """A model's real runner that counts its runs, records what each run got, and can hold.
 
     hold() makes the next runs wait (in the executor thread) until release(), so a test can
     queue jobs behind a run in flight without timing.
@@ -58,10 +59,13 @@ class CountingRunner:
 
     def __init__(self, run: Callable[[Mapping[str, np.ndarray], Sequence[str]], dict]) -> None:
         self._run = run
+        self._lock = threading.Lock()
         self.calls = 0
         self.samples: list[int] = []  # batch axis of each run's query
         self.widths: list[tuple[int, int]] = []  # (L, S) of each run
-        self.entered = threading.Event()
+        self.masked: list[float] = []  # fraction of True in each run's key_padding_mask
+        self.active = self.max_active = 0  # runs in progress, now and at most
+        self._entered = threading.Semaphore(0)
         self._gate = threading.Event()
         self._gate.set()
         self.fail_next: Exception | None = None
@@ -72,16 +76,29 @@ class CountingRunner:
     def release(self) -> None:
         self._gate.set()
 
+    async def entered(self) -> None:
+        """Wait (off the loop) until one more run has started."""
+        assert await asyncio.to_thread(self._entered.acquire, timeout=30), "no run started"
+
     def __call__(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict:
-        self.calls += 1
-        self.samples.append(int(feeds["query"].shape[0]))
-        self.widths.append((int(feeds["query"].shape[1]), int(feeds["key_padding_mask"].shape[1])))
-        self.entered.set()
-        self._gate.wait(timeout=30)
-        if self.fail_next is not None:
-            error, self.fail_next = self.fail_next, None
-            raise error
-        return self._run(feeds, outputs)
+        mask = feeds["key_padding_mask"]
+        with self._lock:
+            self.calls += 1
+            self.samples.append(int(feeds["query"].shape[0]))
+            self.widths.append((int(feeds["query"].shape[1]), int(mask.shape[1])))
+            self.masked.append(float(mask.mean()))
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        self._entered.release()
+        try:
+            self._gate.wait(timeout=30)
+            if self.fail_next is not None:
+                error, self.fail_next = self.fail_next, None
+                raise error
+            return self._run(feeds, outputs)
+        finally:
+            with self._lock:
+                self.active -= 1
 
 
 def make_job(
