@@ -198,14 +198,14 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
         f"after {load['loadavg_after'][0]:.2f}; shared machine)"
     )
     print(report.points_table(points))
-    names = {p.name for p in chosen}
-    if "issue3" in names:
-        text, found = report.issue3(points)
+    by_name = {p.name: p for p in chosen}
+    if "issue3" in by_name:
+        text, found = report.issue3(points, by_name["issue3"].workloads)
         print("\nissue 3 section 7: end-to-end latency and throughput\n" + text)
         targets += found
-    if "issue4" in names:
-        c32 = next(p.concurrency[0] for p in chosen if p.name == "issue4")
-        text, found = report.issue4(points, concurrency=c32)
+    if "issue4" in by_name:
+        c32 = by_name["issue4"].concurrency[0]
+        text, found = report.issue4(points, by_name["issue4"].workloads, concurrency=c32)
         print(f"\nissue 4 section 4: batching on vs off, {c32} clients\n" + text)
         targets += found
     if document["servers"]:

@@ -22,12 +22,12 @@ MASK = "key_padding_mask"
 
 
 def make_session(model_file: Path, threads: int | None) -> Any:
-    """A CPU session like the server's: intra-op threads as given (None = ORT's default)."""
+    """A CPU session with the server's options (threads: None = the server's default)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    from mha.service import devices, runtime
+
+    options = runtime.session_options(threads or devices.default_threads())
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 
