@@ -48,3 +48,11 @@ bench-serve: $(STAMP)
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache
+
+# The CPU serving image (podman + runc; a debootstrap base when no base image can be pulled).
+image:
+	bash deploy/image.sh
+
+# Build the image, run it read-only as non-root, health check + one inference (deploy/README.md).
+smoke: $(STAMP)
+	VENV=$(VENV) bash deploy/smoke.sh

@@ -5,71 +5,18 @@
 #   deploy/smoke.sh                 (from the repository root; `make smoke` runs it)
 #
 # Environment:
-#   BASE=image      base image for deploy/Dockerfile (default: python:3.11-slim-bookworm if it
-#                   is local or can be pulled, else a Debian bookworm base made with debootstrap)
-#   IMAGE=tag       image to build and run (default mha-serve:cpu)
-#   WORK=dir        cache for the debootstrap root and the exported models (/var/tmp/mha-smoke)
+#   BASE, IMAGE, WORK   as for deploy/image.sh, which builds the image (WORK also caches the
+#                       exported model repository)
 #   KEEP_IMAGE=1    keep the built image (it is kept by default; 0 removes it)
 set -euo pipefail
 
-cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-IMAGE=${IMAGE:-mha-serve:cpu}
-WORK=${WORK:-/var/tmp/mha-smoke}
-PULL_BASE=docker.io/library/python:3.11-slim-bookworm
-LOCAL_BASE=localhost/mha-base:bookworm
-DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-# crun fails in this kind of sandbox; runc works.
-PODMAN=(podman --runtime runc)
-# podman raises RLIMIT_NOFILE to 1048576 by default and, for a non-root user, RLIMIT_NPROC to
-# the host's maximum; a sandbox without CAP_SYS_RESOURCE refuses both ("error setting rlimit
-# type 7" / "type 6"). Keep the shell's open-file limits and ask for a modest process limit.
-ULIMIT=(--ulimit "nofile=$(ulimit -Sn):$(ulimit -Hn)")
-RUN_ULIMIT=("${ULIMIT[@]}" --ulimit nproc=8192:8192)
-# pip in the build trusts the host's CA bundle (a TLS-intercepting proxy's CA lives there).
-CA_BUNDLE=${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}
+# The build settings and functions (PODMAN, ULIMIT, log, build_image, ...).
+# shellcheck source=deploy/image.sh
+source "$(dirname "${BASH_SOURCE[0]}")/image.sh"
 NAME=mha-smoke-$$
-
-log() { printf '\n== %s\n' "$*"; }
-
-ensure_tools() {
-    local missing=()
-    for tool in podman runc debootstrap; do
-        command -v "$tool" > /dev/null || missing+=("$tool")
-    done
-    ((${#missing[@]} == 0)) && return
-    log "installing ${missing[*]} (Debian packages)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap > /dev/null
-}
-
-# A minimal bookworm with Python 3.11 and its venv module, imported as a podman image.
-debootstrap_base() {
-    local root=$WORK/rootfs
-    if [[ ! -x $root/usr/bin/python3 ]]; then
-        log "no base image can be pulled: building $LOCAL_BASE with debootstrap"
-        rm -rf "$root"
-        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-            bookworm "$root" "$DEBIAN_MIRROR" > "$WORK/debootstrap.log"
-        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-    fi
-    tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$LOCAL_BASE" > /dev/null
-}
-
-choose_base() {
-    if [[ -n ${BASE:-} ]]; then
-        return
-    elif "${PODMAN[@]}" image exists "$PULL_BASE"; then
-        BASE=$PULL_BASE
-    elif "${PODMAN[@]}" image exists "$LOCAL_BASE"; then
-        BASE=$LOCAL_BASE
-    elif timeout 60 "${PODMAN[@]}" pull --quiet "$PULL_BASE" > /dev/null 2>&1; then
-        BASE=$PULL_BASE
-    else
-        debootstrap_base
-        BASE=$LOCAL_BASE
-    fi
-}
+# For a non-root user podman also raises RLIMIT_NPROC to the host's maximum, refused the same
+# way ("error setting rlimit type 6"): ask for a modest process limit instead.
+RUN_ULIMIT=("${ULIMIT[@]}" --ulimit nproc=8192:8192)
 
 export_models() {
     if [[ ! -f $WORK/models/mha/1/model.onnx ]]; then
@@ -92,16 +39,7 @@ cleanup() {
 }
 
 main() {
-    mkdir -p "$WORK"
-    ensure_tools
-    choose_base
-    log "building $IMAGE from deploy/Dockerfile on BASE=$BASE"
-    local ca=()
-    [[ -f $CA_BUNDLE ]] && ca=(--volume "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-    "${PODMAN[@]}" build "${ULIMIT[@]}" "${ca[@]}" --file deploy/Dockerfile \
-        --build-arg "BASE=$BASE" --tag "$IMAGE" . > "$WORK/build.log" 2>&1 \
-        || { tail -n 30 "$WORK/build.log"; exit 1; }
-    "${PODMAN[@]}" image inspect --format 'image {{.Id}} size {{.Size}} bytes user {{.Config.User}} entrypoint {{.Config.Entrypoint}}' "$IMAGE"
+    build_image
     echo "no torch in the image: $("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" --entrypoint python3 "$IMAGE" \
         -c 'import importlib.util as u; print(u.find_spec("torch") is None)')"
     export_models
@@ -110,9 +48,12 @@ main() {
     log "running $IMAGE read-only as uid 10001, models mounted read-only"
     "${PODMAN[@]}" run --detach --name "$NAME" "${RUN_ULIMIT[@]}" --read-only --tmpfs /tmp:rw,size=64m \
         --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges \
-        --volume "$WORK/models:/models:ro" --publish 127.0.0.1::8001 "$IMAGE" > /dev/null
-    local port
+        --env MHA_DRAIN_SECONDS=2 --env MHA_GRACE_SECONDS=5 \
+        --volume "$WORK/models:/models:ro" --publish 127.0.0.1::8001 --publish 127.0.0.1::8002 \
+        "$IMAGE" > /dev/null
+    local port metrics_port
     port=$("${PODMAN[@]}" port "$NAME" 8001/tcp | sed 's/.*://')
+    metrics_port=$("${PODMAN[@]}" port "$NAME" 8002/tcp | sed 's/.*://')
     echo "container $NAME: uid $("${PODMAN[@]}" exec "$NAME" id -u), gRPC on 127.0.0.1:$port"
 
     log "waiting for readiness (grpc.health.v1)"
@@ -125,6 +66,20 @@ main() {
         echo "(mha infer is not on this tree yet: a grpc + mha.service.codec request instead)"
         "$VENV/bin/python" deploy/smoke_check.py infer --target "127.0.0.1:$port" --model mha
     fi
+    log "metrics"
+    "$VENV/bin/python" deploy/smoke_check.py metrics \
+        --target "http://127.0.0.1:$metrics_port/metrics"
+
+    log "SIGTERM: readiness goes NOT_SERVING at once, liveness stays up, then a clean exit"
+    local start status
+    start=$(date +%s.%N)
+    "${PODMAN[@]}" kill --signal TERM "$NAME" > /dev/null
+    sleep 0.5
+    "$VENV/bin/python" deploy/smoke_check.py health --target "127.0.0.1:$port"
+    status=$("${PODMAN[@]}" wait "$NAME")
+    printf 'exit status %s after %.1f s (drain 2 s + grace 5 s at most)\n' "$status" \
+        "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')"
+    [[ $status == 0 ]]
     log "smoke test passed"
 }
 

@@ -1,8 +1,9 @@
 """Check a running `mha serve` from outside its container: health, then one inference.
 
 Used by deploy/smoke.sh. `wait` polls grpc.health.v1 until readiness is SERVING and prints
-every health service's status; `infer` sends one request without the `mha infer` command
-(for trees where it does not exist yet), built with mha.service.codec.
+every health service's status; `health` prints them once (during a drain); `metrics` fetches
+the Prometheus endpoint; `infer` sends one request without the `mha infer` command (for trees
+where it does not exist yet), built with mha.service.codec.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -49,6 +51,26 @@ def wait(target: str, timeout_s: float) -> int:
     return 0
 
 
+def show(target: str) -> int:
+    """Print each health service's status once; 0 when the liveness service answers."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        statuses = {name: health(stub, name) for name in HEALTH_SERVICES}
+    for name, status in statuses.items():
+        print(f"health {name or '(server)'!r}: {status}")
+    return 0 if statuses["liveness"] == "SERVING" else 1
+
+
+def metrics(url: str) -> int:
+    """Fetch the Prometheus text and print how many mha_* samples it holds."""
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    samples = [line for line in text.splitlines() if line.startswith("mha_")]
+    families = sorted({line.split("{")[0].split(" ")[0] for line in samples})
+    print(f"metrics {url}: {len(samples)} mha_* samples in {len(families)} series names")
+    return 0 if samples else 1
+
+
 def infer(target: str, model: str, d_model: int) -> int:
     """Send one self-attention request (B=2, L=5) and print the output's shape and stats."""
     query = np.random.default_rng(0).standard_normal((2, 5, d_model), dtype=np.float32)
@@ -66,14 +88,18 @@ def infer(target: str, model: str, d_model: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["wait", "infer"])
-    parser.add_argument("--target", required=True, help="host:port of the gRPC server")
+    parser.add_argument("check", choices=["wait", "health", "metrics", "infer"])
+    parser.add_argument("--target", required=True, help="host:port of the gRPC server, or URL")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--model", default="mha")
     parser.add_argument("--d-model", type=int, default=512)
     args = parser.parse_args(argv)
     if args.check == "wait":
         return wait(args.target, args.timeout)
+    if args.check == "health":
+        return show(args.target)
+    if args.check == "metrics":
+        return metrics(args.target)
     return infer(args.target, args.model, args.d_model)
 
 
