@@ -1,10 +1,95 @@
-"""The PNG of `mha bench export`: median times and speed-ups per contestant per case."""
+"""The figures of `mha bench export`: speed-ups, PASS/MISS targets, the table and the PNG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+# Issue 2 section 5: `ort` speed-up over torch nn.MultiheadAttention per (B, L), both masks.
+REQUIRED_VS_TORCH: dict[tuple[int, int], float] = {
+    (1, 16): 1.5,
+    (1, 1024): 1.5,
+    (1, 128): 1.05,
+    (8, 128): 1.05,
+}
+TORCH, OURS = "torch nn.MHA", "ours eager"
+
+
+def ort_name(target: str) -> str:
+    """Contestant name of an export target run by ONNX Runtime."""
+    return f"ORT {target}"
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_torch and speedup_vs_none: the other's median over this one's."""
+    by_case: dict[str, dict[str, float]] = {}
+    for row in rows:
+        by_case.setdefault(row["case"], {})[row["contestant"]] = row["median_ms"]
+    for row in rows:
+        medians = by_case[row["case"]]
+        row["speedup_vs_torch"] = medians[TORCH] / row["median_ms"]
+        row["speedup_vs_none"] = medians[ort_name("none")] / row["median_ms"]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Issue 2 section 5's targets for `ort`: vs torch nn.MHA per shape, and never slower
+    than `none`."""
+    checks = []
+    for row in rows:
+        if row["contestant"] != ort_name("ort"):
+            continue
+        required = REQUIRED_VS_TORCH.get((row["B"], row["L"]))
+        if required is not None:
+            speedup = row["speedup_vs_torch"]
+            checks.append(target(row["case"], "ort vs torch nn.MHA", speedup, required))
+        checks.append(target(row["case"], "ort vs none", row["speedup_vs_none"], 1.0))
+    return checks
+
+
+def target(case: str, what: str, speedup: float, required: float) -> dict:
+    """One PASS/MISS record."""
+    return {
+        "case": case,
+        "check": what,
+        "speedup": speedup,
+        "required": required,
+        "pass": speedup >= required,
+    }
+
+
+def results_table(rows: list[dict]) -> str:
+    """One line per case and contestant."""
+    from mha.export.report import table
+
+    header = ["case", "contestant", "median ms", "p10 ms", "p90 ms", "max abs err"]
+    header += ["vs torch", "vs none", "others busy"]
+    body = [
+        [
+            r["case"],
+            r["contestant"],
+            f"{r['median_ms']:.3f}",
+            f"{r['p10_ms']:.3f}",
+            f"{r['p90_ms']:.3f}",
+            f"{r['max_abs_error']:.1e}",
+            f"{r['speedup_vs_torch']:.2f}x",
+            f"{r['speedup_vs_none']:.2f}x",
+            "?"
+            if r["other_processes_cores"] is None
+            else f"{r['other_processes_cores']:.2f} cores",
+        ]
+        for r in rows
+    ]
+    return table(header, body)
+
+
+def target_lines(checks: list[dict]) -> str:
+    """PASS/MISS lines for issue 2 section 5's targets."""
+    return "\n".join(
+        f"{'PASS' if c['pass'] else 'MISS'}  {c['check']:<20} {c['case']:<16} "
+        f"{c['speedup']:.2f}x (target >= {c['required']:.2f}x)"
+        for c in checks
+    )
 
 
 def plot(report: dict, path: Path) -> None:
@@ -31,7 +116,6 @@ def plot(report: dict, path: Path) -> None:
         speed.bar(offset, [r["speedup_vs_torch"] for r in picked], width, label=name)
     times.set_yscale("log")
     times.set_ylabel("median ms per call (p10-p90)")
-    times.legend(ncols=len(contestants), fontsize="small", loc="upper left")
     settings, machine = report["settings"], report["machine_before"]
     times.set_title(
         f"self-attention, d_model {settings['d_model']}, {settings['num_heads']} heads, fp32; "
@@ -39,6 +123,8 @@ def plot(report: dict, path: Path) -> None:
         f"(load {machine['loadavg'][0]:.1f})"
     )
     speed.axhline(1.0, color="grey", linewidth=0.8)
-    speed.set_ylabel("speed-up over torch nn.MHA (x)")
+    speed.set_yscale("log")
+    speed.set_ylabel("speed-up over torch nn.MHA (x, log)")
+    figure.legend(*times.get_legend_handles_labels(), loc="outside lower center", ncols=5)
     speed.set_xticks(x, cases, rotation=20)
     figure.savefig(path, dpi=110)
