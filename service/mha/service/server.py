@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,9 @@ LIVENESS = "liveness"
 READINESS_NAMES = ("", INFERENCE_SERVICE)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# On stop, answer UNAVAILABLE until calls pause this long (see Server.stop), at most ...
+QUIET_SECONDS = 0.1
+QUIET_LIMIT_SECONDS = 1.0
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -81,6 +85,7 @@ class Server:
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="mha-run")
         self.wrap_runner = wrap_runner
+        self.servicer = InferenceServicer(self.table, self.metrics, self.is_ready)
         self.draining = False
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -92,8 +97,7 @@ class Server:
     async def start(self) -> int:
         """Bind, start serving (not ready yet) and the metrics endpoint; return the port."""
         server = grpc.aio.server(options=grpc_options(self.settings))
-        servicer = InferenceServicer(self.table, self.metrics, self.is_ready)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self.health.set(LIVENESS, SERVING)
         for name in READINESS_NAMES:
@@ -188,17 +192,33 @@ class Server:
         await asyncio.sleep(self.settings.drain_seconds)
 
     async def stop(self) -> None:
-        """Refuse new calls, let in-flight ones finish within grace_seconds, release all."""
+        """Refuse new calls, let in-flight ones finish within grace_seconds, release all.
+
+        New inference calls get UNAVAILABLE from the servicer while the accepted ones
+        finish; then gRPC closes the port. gRPC's own stop() CANCELs calls that reached the
+        transport but no handler yet, so before it the servicer keeps answering UNAVAILABLE
+        until no call came for QUIET_SECONDS (at most QUIET_LIMIT_SECONDS, within grace).
+        """
         self.draining = True
+        self.servicer.refuse_new()
         if self._grpc is not None:
-            log.info("stopping: in-flight requests get %.1f s", self.settings.grace_seconds)
-            await self._grpc.stop(self.settings.grace_seconds)
+            grace = self.settings.grace_seconds
+            log.info("stopping: %d in-flight requests get %.1f s", self.servicer.active, grace)
+            end = time.monotonic() + grace
+            quiet_until = min(end, time.monotonic() + QUIET_LIMIT_SECONDS)
+            while time.monotonic() < end and (
+                self.servicer.active
+                or (time.monotonic() < quiet_until
+                    and time.monotonic() - self.servicer.last_call < QUIET_SECONDS)
+            ):  # fmt: skip
+                await asyncio.sleep(0.005)
+            await self._grpc.stop(max(0.0, end - time.monotonic()))
         for key, served in list(self.table.served.items()):
             await served.scheduler.close()
             self.metrics.model_unready(key[0], str(key[1]))
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.shutdown()
-        log.info("stopped")
+        log.info("stopped: %d requests answered, %d refused", *self.metrics.statistics.totals())
 
 
 async def serve(settings: Settings) -> None:

@@ -21,7 +21,7 @@ import grpc
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service import codec, logs, validation
-from mha.service.errors import INTERNAL_MESSAGE, ServiceError
+from mha.service.errors import INTERNAL_MESSAGE, ServiceError, Unavailable
 from mha.service.runtime import ModelTable, ServedModel
 from mha.service.scheduling import InferenceJob
 from mha.service.stats import StatsMetrics
@@ -71,7 +71,11 @@ def _outcome(err: BaseException) -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a ModelTable; readiness comes from the server's lifecycle."""
+    """GRPCInferenceService over a ModelTable; readiness comes from the server's lifecycle.
+
+    After `refuse_new()` (the server is stopping) ModelInfer answers UNAVAILABLE at once
+    while the requests already in it (`active`) finish.
+    """
 
     def __init__(
         self, table: ModelTable, metrics: StatsMetrics, is_ready: Callable[[], bool]
@@ -79,6 +83,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.table = table
         self.metrics = metrics
         self.is_ready = is_ready
+        self.active = 0  # ModelInfer calls in progress (event loop only, no lock needed)
+        self.last_call = 0.0  # time.monotonic() of the latest ModelInfer call
+        self.refusing = False
+
+    def refuse_new(self) -> None:
+        self.refusing = True
 
     @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> Any:
@@ -128,13 +138,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
         started = time.monotonic()
         labels = ("", "")  # unknown model names stay out of the metric labels
+        self.active += 1
+        self.last_call = started
         try:
+            if self.refusing:
+                raise Unavailable("the server is shutting down; send the request again")
             served = self.table.get(request.model_name, request.model_version)
             labels = (served.spec.name, str(served.spec.version))
             response = await self._infer(served, request, context, started)
         except BaseException as err:
             self._failed(labels, err, started)
             raise
+        finally:
+            self.active -= 1
         return response
 
     async def _infer(

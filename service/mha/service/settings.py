@@ -149,7 +149,7 @@ _BOOLEAN_FIELDS = {"reflection", "batching", "no_compute"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per setting; defaults stay None so the environment can fill them."""
+    """Add one flag per setting; a flag not given is absent, so the environment can fill it."""
     defaults = Settings()
     for spec in SPECS:
         default = getattr(defaults, spec.field)
@@ -157,12 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.field in _BOOLEAN_FIELDS:
             parser.add_argument(
                 spec.flag, dest=spec.field, action=argparse.BooleanOptionalAction,
-                default=None, help=help_text,
+                default=argparse.SUPPRESS, help=help_text,
             )  # fmt: skip
         else:
             parser.add_argument(
                 spec.flag, dest=spec.field, type=spec.parse, choices=spec.choices,
-                default=None, help=help_text, metavar=spec.field.upper(),
+                default=argparse.SUPPRESS, help=help_text, metavar=spec.field.upper(),
             )  # fmt: skip
 
 
@@ -175,9 +175,8 @@ def from_sources(args: argparse.Namespace | None, environ: Mapping[str, str]) ->
     known = {f.name for f in fields(Settings)}
     for spec in SPECS:
         assert spec.field in known  # a typo in SPECS is a bug, not an input error
-        given = getattr(args, spec.field, None) if args is not None else None
-        if given is not None:
-            values[spec.field] = given
+        if args is not None and hasattr(args, spec.field):  # given on the command line
+            values[spec.field] = getattr(args, spec.field)
         elif environ.get(spec.env, "") != "":
             try:
                 values[spec.field] = spec.parse(environ[spec.env])

@@ -102,6 +102,12 @@ class Statistics:
             stats.execution_count += 1
             stats.batches[samples].add(compute_ns)
 
+    def totals(self) -> tuple[int, int]:
+        """(successful, failed) requests over every model version."""
+        with self._lock:
+            stats = list(self._stats.values())
+        return sum(s.success.count for s in stats), sum(s.fail.count for s in stats)
+
     def proto(self, model: str, version: str) -> pb.ModelStatistics:
         with self._lock:
             return self._stats[model, version].proto(model, version)
