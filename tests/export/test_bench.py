@@ -18,7 +18,14 @@ import torch
 
 from mha.cli import CliError
 from mha.export import TOLERANCE, bench
-from mha.export.bench_plot import OURS, TORCH, add_speedups, check_targets, ort_name
+from mha.export.bench_plot import (
+    OURS,
+    TORCH,
+    add_speedups,
+    check_targets,
+    ort_name,
+    target_lines,
+)
 
 CONTESTANTS = {TORCH, OURS, ort_name("ort"), ort_name("onnx"), ort_name("none")}
 QUICK_CASES = ["B1-L8", "B1-L8-padded", "B2-L16", "B2-L16-padded"]
@@ -118,7 +125,14 @@ def test_padded_case_pads_the_last_quarter_of_every_sample():
 
 
 def row(case: str, contestant: str, ms: float, b: int = 1, length: int = 16) -> dict:
-    return {"case": case, "contestant": contestant, "median_ms": ms, "B": b, "L": length}
+    return {
+        "case": case,
+        "contestant": contestant,
+        "median_ms": ms,
+        "B": b,
+        "L": length,
+        "other_processes_cores": 1.5,
+    }
 
 
 def test_targets_pass_and_miss():
@@ -134,6 +148,9 @@ def test_targets_pass_and_miss():
     )
     assert not checks["ort vs none"]["pass"]
     assert checks["ort vs none"]["speedup"] == pytest.approx(0.95)
+    lines = target_lines(list(checks.values())).splitlines()
+    assert lines[0].startswith("PASS  ort vs torch nn.MHA") and lines[1].startswith("MISS")
+    assert all("contended: other processes kept 1.50 cores busy" in line for line in lines)
 
 
 @pytest.mark.parametrize("bad", ["8by128", "0x16", "1x2", "1x16x3"])
