@@ -29,6 +29,7 @@ from mha.service.bench_plan import (
     Point,
     Preset,
     Timing,
+    Workload,
     metadata_from_config,
     plan,
     read_config,
@@ -80,11 +81,18 @@ def presets(args: argparse.Namespace) -> tuple[Preset, ...]:
     """The preset's measurements, with any custom load or timing laid over them."""
     chosen = PRESETS[args.preset]
     if args.workloads or args.concurrency or args.rate:
-        workloads = tuple(args.workloads.split(",")) if args.workloads else ("1x128",)
-        concurrency = (
-            tuple(int(c) for c in args.concurrency.split(",")) if args.concurrency else (1,)
-        )
-        chosen = (Preset("custom", workloads, concurrency),)
+        try:
+            workloads = tuple(
+                Workload.parse(w).name for w in (args.workloads or "1x128").split(",")
+            )
+            rates = tuple(float(r) for r in args.rate.split(",")) if args.rate else ()
+            clients = args.concurrency or ("" if rates else "1")
+            concurrency = tuple(int(c) for c in clients.split(",") if c)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        if any(c < 1 for c in concurrency) or any(r <= 0 for r in rates):
+            raise CliError("--concurrency and --rate values must be positive")
+        chosen = (Preset("custom", workloads, concurrency, rates=rates),)
     timing = {
         k: v for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup)) if v is not None
     }
@@ -218,15 +226,18 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
 
 
 def write_plot(document: dict[str, Any], path: Path) -> None:
+    """Latency vs throughput per workload; in-process runs that merged requests left out."""
     from mha.service.plot import PlotUnavailable, latency_throughput
 
-    series: dict[str, list[tuple[float, float, float]]] = {}
-    for p in document["points"]:
+    panels: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    ordered = sorted(document["points"], key=lambda p: (p["rate"], p["concurrency"]))
+    ordered.sort(key=lambda p: p["config"] == "inprocess")  # stable: served configs first
+    for p in ordered:
         if p["requests"] and p.get("merge", 1) == 1:
-            series.setdefault(f"{p['config']} {p['workload']}", []).append(
-                (p["rps"], p["p50_ms"], p["p99_ms"])
-            )
+            label = p["config"] + (" open loop" if p["rate"] else "")
+            series = panels.setdefault(p["workload"], {}).setdefault(label, [])
+            series.append((p["rps"], p["p50_ms"], p["p99_ms"]))
     try:
-        latency_throughput(series, path, title=f"mha bench serve ({document['preset']})")
+        latency_throughput(panels, path, title=f"mha bench serve ({document['preset']})")
     except PlotUnavailable as err:
         print(f"mha bench serve: no plot: {err}", file=sys.stderr)

@@ -82,37 +82,39 @@ class Preset:
     configs: tuple[str, ...] = ("on", "off", "floor", "inprocess")
     merges: tuple[int, ...] = ()  # in-process best-batch sweep (issue 4's bound)
     timing: Timing = field(default_factory=Timing)
+    rates: tuple[float, ...] = ()  # open-loop points (served configurations only)
 
 
 ISSUE3 = Preset("issue3", ("1x16", "1x128", "8x128"), (1, 4, 16))
 ISSUE4 = Preset("issue4", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
 QUICK_TIMING = Timing(duration_s=0.4, warmup_s=0.1, sweep_duration_s=0.3)
-QUICK = (
-    Preset("issue3", ("1x16", "2x16"), (1, 4), timing=QUICK_TIMING),
-    Preset("issue4", ("1x16", "1x8-32"), (8,), merges=(1, 4), timing=QUICK_TIMING),
+QUICK = (  # every configuration and code path, in seconds (the smoke test)
+    Preset("issue3", ("1x16",), (1, 4), timing=QUICK_TIMING),
+    Preset("issue4", ("1x8-32",), (4,), merges=(1, 4), timing=QUICK_TIMING),
 )
 PRESETS = {"issue3": (ISSUE3,), "issue4": (ISSUE4,), "full": (ISSUE3, ISSUE4), "quick": QUICK}
 
 
+def _points(preset: Preset, config: str, workload: Workload) -> list[Point]:
+    if config == "inprocess":  # closed loop only: the best-batch sweep, else the clients
+        if preset.merges:
+            return [Point(config, workload, 1, merge=m) for m in preset.merges]
+        return [Point(config, workload, c) for c in preset.concurrency]
+    if config not in preset.configs and config != "external":
+        return []
+    return [Point(config, workload, c) for c in preset.concurrency] + [
+        Point(config, workload, 1, rate=r) for r in preset.rates
+    ]
+
+
 def plan(presets: tuple[Preset, ...], configs: tuple[str, ...]) -> list[tuple[Point, Timing]]:
     """Every point of the presets for the configurations asked, grouped by configuration."""
-    points: list[tuple[Point, Timing]] = []
+    unique: dict[Point, Timing] = {}
     for config in configs:
         for preset in presets:
             for text in preset.workloads:
-                workload = Workload.parse(text)
-                if config == "inprocess" and preset.merges:
-                    points += [
-                        (Point(config, workload, 1, merge=m), preset.timing) for m in preset.merges
-                    ]
-                    continue
-                if config in preset.configs or config == "external":
-                    points += [
-                        (Point(config, workload, c), preset.timing) for c in preset.concurrency
-                    ]
-    unique: dict[Point, Timing] = {}
-    for point, timing in points:
-        unique.setdefault(point, timing)  # a workload in two presets is measured once
+                for point in _points(preset, config, Workload.parse(text)):
+                    unique.setdefault(point, preset.timing)  # shared points run once
     return list(unique.items())
 
 

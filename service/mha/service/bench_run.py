@@ -107,10 +107,12 @@ class Runner:
             log_dir=log_dir,
         )
         try:
+            idle_mb = server.rss_mb()
             results = [self._served(server.url, p, t, progress, server) for p, t in todo]
             servers[config] = {
                 "startup_s": server.startup_s,
                 "rss_mb": server.rss_mb(),
+                "rss_idle_mb": idle_mb,
                 "flags": server.flags,
                 "model": self.args.model,
                 "log": str(server.log_path),

@@ -61,29 +61,38 @@ def attention_heatmaps(
 
 
 def latency_throughput(
-    series: Mapping[str, Sequence[tuple[float, float, float]]], path: Path, title: str = ""
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]],
+    path: Path,
+    title: str = "",
 ) -> None:
-    """One line per configuration: (throughput rps, p50 ms, p99 ms) points, p99 dashed."""
+    """One panel per workload, one line per configuration through its load levels.
+
+    panels: workload -> configuration -> (throughput rps, p50 ms, p99 ms) points, in the
+    order of increasing load (p50 solid with dots, p99 dashed with crosses).
+    """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, points in series.items():
-        ordered = sorted(points)
-        rps = [p[0] for p in ordered]
-        line = ax.plot(rps, [p[1] for p in ordered], marker="o", label=f"{label} p50")[0]
-        ax.plot(
-            rps,
-            [p[2] for p in ordered],
-            marker="x",
-            linestyle="--",
-            color=line.get_color(),
-            label=f"{label} p99",
-        )
-    ax.set_xlabel("throughput (requests/s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(title or "latency vs throughput")
+    cols = min(len(panels), 3) or 1
+    rows = math.ceil(len(panels) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    configs = list(dict.fromkeys(c for series in panels.values() for c in series))
+    colors = {c: cycle[i % len(cycle)] for i, c in enumerate(configs)}  # same in every panel
+    for index, (workload, series) in enumerate(panels.items()):
+        ax = axes[index // cols][index % cols]
+        for config, points in series.items():
+            color = colors[config]
+            rps = [p[0] for p in points]
+            ax.plot(rps, [p[1] for p in points], "o-", color=color, label=f"{config} p50")
+            ax.plot(rps, [p[2] for p in points], "x--", color=color, label=f"{config} p99")
+        ax.set_title(f"workload {workload} (B x L)")
+        ax.set_xlabel("throughput (requests/s)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    for index in range(len(panels), rows * cols):
+        axes[index // cols][index % cols].axis("off")
+    fig.suptitle(title or "latency vs throughput")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

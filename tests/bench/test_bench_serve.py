@@ -1,0 +1,50 @@
+"""Smoke test of `mha bench serve --quick`: every configuration runs and reports sane numbers.
+
+Not a timed test: it checks the benchmark works, not how fast the server is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench_repo(exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding one small self-attention model (d_model 64, 4 heads) as "tiny"."""
+    root = tmp_path_factory.mktemp("bench-repo")
+    (root / "tiny").mkdir()
+    (root / "tiny" / "1").symlink_to(exported(target="ort"), target_is_directory=True)
+    return root
+
+
+def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--quick",
+               "--repository", str(bench_repo), "--model", "tiny", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads((out / "bench.json").read_text())
+    points = document["points"]
+    assert {p["config"] for p in points} == {"on", "off", "floor", "inprocess"}
+    assert {p["workload"] for p in points} == {"1x16", "1x8-32"}
+    for p in points:
+        assert p["errors"] == {}, p
+        assert p["requests"] > 0 and p["rps"] > 0, p
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] <= p["max_ms"], p
+    merged = [p for p in points if p["merge"] == 4]
+    assert merged and all(p["config"] == "inprocess" for p in merged)
+    on_mix = next(p for p in points if p["config"] == "on" and p["workload"] == "1x8-32")
+    assert 0 <= on_mix["padding_fraction"] <= 1 and on_mix["mean_batch"] >= 1
+    assert set(document["servers"]) == {"on", "off", "floor"}
+    for server in document["servers"].values():
+        assert 0 < server["startup_s"] < 120 and 20 < server["rss_mb"] < 2000
+    assert {t["target"].split(":")[0] for t in document["targets"]} >= {"1x8-32"}
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    for title in ("issue 3 section 7", "issue 4 section 4", "serving process", "targets"):
+        assert title in run.stdout
