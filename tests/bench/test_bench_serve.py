@@ -48,3 +48,24 @@ def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     for title in ("issue 3 section 7", "issue 4 section 4", "serving process", "targets"):
         assert title in run.stdout
+
+
+def test_open_loop_against_an_external_server(bench_repo: Path, tmp_path: Path) -> None:
+    from mha.service.bench_server import start_server
+
+    server = start_server(bench_repo, "off", threads=1, extra=[], log_dir=tmp_path)
+    try:
+        out = tmp_path / "out"
+        command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--url", server.url,
+                   "--model", "tiny", "--configs", "external", "--workloads", "1x16",
+                   "--rate", "100", "--duration", "0.5", "--warmup", "0.1", "--no-plot",
+                   "--out", str(out)]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert server.process.poll() is None  # still serving
+    finally:
+        assert server.stop() == 0
+    assert run.returncode == 0, run.stdout + run.stderr
+    [point] = json.loads((out / "bench.json").read_text())["points"]
+    assert point["config"] == "external" and point["rate"] == 100 and point["errors"] == {}
+    # Poisson arrivals at 100/s for 0.5 s: 50 expected, far outside [15, 110] is a bug
+    assert 15 <= point["requests"] <= 110 and point["p50_ms"] <= point["p99_ms"]
