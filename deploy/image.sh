@@ -75,11 +75,11 @@ build_image() {
     ensure_tools
     choose_base
     log "building $IMAGE from $DOCKERFILE on BASE=$BASE"
-    local ca=()
+    local ca=() build_log=$WORK/build-${IMAGE//[^A-Za-z0-9.-]/_}.log
     [[ -f $CA_BUNDLE ]] && ca=(--volume "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
     "${PODMAN[@]}" build "${ULIMIT[@]}" "${ca[@]}" --file "$DOCKERFILE" \
-        --build-arg "BASE=$BASE" --tag "$IMAGE" . > "$WORK/build.log" 2>&1 \
-        || { tail -n 30 "$WORK/build.log"; exit 1; }
+        --build-arg "BASE=$BASE" --tag "$IMAGE" . > "$build_log" 2>&1 \
+        || { tail -n 30 "$build_log"; exit 1; }
     "${PODMAN[@]}" image inspect --format 'image {{.Id}} size {{.Size}} bytes user {{.Config.User}} entrypoint {{.Config.Entrypoint}}' "$IMAGE"
 }
 

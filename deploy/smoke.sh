@@ -5,8 +5,9 @@
 #   deploy/smoke.sh                 (from the repository root; `make smoke` runs it)
 #
 # Environment:
-#   BASE, IMAGE, WORK   as for deploy/image.sh, which builds the image (WORK also caches the
-#                       exported model repository)
+#   BASE, IMAGE, WORK   as for deploy/image.sh, which builds the image
+#   MODELS=dir          model repository to serve; exported there when it has no model "mha"
+#                       (default $WORK/models, kept between runs)
 #   KEEP_IMAGE=1    keep the built image (it is kept by default; 0 removes it)
 set -euo pipefail
 
@@ -14,17 +15,18 @@ set -euo pipefail
 # shellcheck source=deploy/image.sh
 source "$(dirname "${BASH_SOURCE[0]}")/image.sh"
 NAME=mha-smoke-$$
+MODELS=${MODELS:-$WORK/models}
 # For a non-root user podman also raises RLIMIT_NPROC to the host's maximum, refused the same
 # way ("error setting rlimit type 6"): ask for a modest process limit instead.
 RUN_ULIMIT=("${ULIMIT[@]}" --ulimit nproc=8192:8192)
 
 export_models() {
-    if [[ ! -f $WORK/models/mha/1/model.onnx ]]; then
+    if [[ ! -f $MODELS/mha/1/model.onnx ]]; then
         log "exporting the default model on the host"
-        "$VENV/bin/mha" export --repository "$WORK/models" --name mha
+        "$VENV/bin/mha" export --repository "$MODELS" --name mha
     fi
     # The container runs as uid 10001: it must be able to read, and never needs to write.
-    chmod -R a+rX "$WORK/models"
+    chmod -R a+rX "$MODELS"
 }
 
 cleanup() {
@@ -49,7 +51,7 @@ main() {
     "${PODMAN[@]}" run --detach --name "$NAME" "${RUN_ULIMIT[@]}" --read-only --tmpfs /tmp:rw,size=64m \
         --user 10001:10001 --cap-drop ALL --security-opt no-new-privileges \
         --env MHA_DRAIN_SECONDS=2 --env MHA_GRACE_SECONDS=5 \
-        --volume "$WORK/models:/models:ro" --publish 127.0.0.1::8001 --publish 127.0.0.1::8002 \
+        --volume "$MODELS:/models:ro" --publish 127.0.0.1::8001 --publish 127.0.0.1::8002 \
         "$IMAGE" > /dev/null
     local port metrics_port
     port=$("${PODMAN[@]}" port "$NAME" 8001/tcp | sed 's/.*://')
