@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from mha.service.bench_plan import (
     read_config,
 )
 from mha.service.bench_run import Runner
-from mha.service.bench_server import mha_command
+from mha.service.bench_server import ServerFailed, mha_command
 from mha.service.client import Client, ClientError
 
 
@@ -166,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(args, metadata, local)
     started, load_before = time.time(), os.getloadavg()
-    results, servers = runner.run_all(points)
+    try:
+        results, servers = runner.run_all(points)
+    except (ServerFailed, RuntimeError) as err:  # a server that died, a load generator that did
+        raise CliError(str(err)) from None
     document: dict[str, Any] = {
         "preset": args.preset,
         "started": started,
@@ -175,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
             "cpus": os.cpu_count(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),
-            "shared": True,
+            "note": "shared machine: other processes may compete for the cores",
         },
         "model": {
             "name": args.model,
@@ -187,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         "points": results,
     }
     document["targets"] = print_tables(document, chosen)
-    (args.out / "bench.json").write_text(json.dumps(document, indent=1, default=float))
+    (args.out / "bench.json").write_text(json.dumps(_finite(document), indent=1))
     if not args.no_plot:
         write_plot(document, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'}" + ("" if args.no_plot else " and bench.png"))
@@ -195,6 +199,17 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"mha bench serve: {failed} requests failed (see errors above)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _finite(value: Any) -> Any:
+    """The document with NaN (no answers measured) as null, so the JSON is strict."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[dict]:
