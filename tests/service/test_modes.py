@@ -1,0 +1,84 @@
+"""The --no-compute floor, JSON logs, and the CUDA paths (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from service_helpers import RunningServer, random_inputs, settings_for
+
+from mha.model import AttentionConfig, seeded_model
+from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service import codec, logs
+
+
+def test_no_compute_answers_zeros_of_the_right_shapes(repository: Path):
+    server = RunningServer(settings_for(repository, no_compute=True)).load()
+    try:
+        inputs = random_inputs("cross", batch=3, length=4, source=9)
+        request = codec.infer_request("cross", inputs, ["output", "attention_weights"])
+        answer = codec.response_arrays(server.stub.ModelInfer(request))
+        assert answer["output"].shape == (3, 4, 64) and answer["output"].dtype == np.float32
+        assert answer["attention_weights"].shape == (3, 4, 4, 9)
+        assert not answer["output"].any() and not answer["attention_weights"].any()
+        fp16 = random_inputs("self_fp16", dtype=np.float16)
+        response = server.stub.ModelInfer(codec.infer_request("self_fp16", fp16))
+        assert response.outputs[0].datatype == "FP16"
+        inputs["query"] = inputs["query"][:, :, :8]  # still validated
+        with pytest.raises(grpc.RpcError) as caught:
+            server.stub.ModelInfer(codec.infer_request("cross", inputs))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.close()
+
+
+def test_json_logs_carry_the_request_id(capsys):
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        logs.configure("INFO", "json")
+        token = logs.request_id.set("req-9")
+        logging.getLogger("mha.test").info("hello %s", "there")
+        logs.request_id.reset(token)
+        logging.getLogger("mha.test").warning("outside")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [(e["request_id"], e["message"], e["level"]) for e in lines] == [
+        ("req-9", "hello there", "INFO"),
+        ("-", "outside", "WARNING"),
+    ]
+
+
+@pytest.mark.cuda
+def test_cuda_serving_matches_eager_through_io_binding(repository: Path):
+    """On a GPU: CUDA provider in use, IO binding runner, fp32 parity (TF32 off) at 1e-5."""
+    server = RunningServer(settings_for(repository, device="cuda")).load()
+    try:
+        served = server.server.table.get("cross")
+        assert served.loaded.provider == "CUDAExecutionProvider"
+        assert served.loaded.runner.io_binding  # type: ignore[attr-defined]
+        metadata = server.stub.ServerMetadata(pb.ServerMetadataRequest())
+        assert "device:CUDAExecutionProvider" in metadata.extensions
+        inputs = random_inputs("cross", batch=3, length=17, source=33, seed=5)
+        request = codec.infer_request("cross", inputs, ["output", "attention_weights"])
+        response = server.stub.ModelInfer(request)
+        assert response.parameters["provider"].string_param == "CUDAExecutionProvider"
+        answer = codec.response_arrays(response)
+        module = seeded_model(AttentionConfig(d_model=64, num_heads=4)).eval()
+        t = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            mask = t["key_padding_mask"]
+            out, weights = module(
+                t["query"], t["key"], t["value"], key_padding_mask=mask, need_weights=True
+            )
+        np.testing.assert_allclose(answer["output"], out.numpy(), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(answer["attention_weights"], weights.numpy(), atol=1e-5, rtol=0)
+    finally:
+        server.close()
