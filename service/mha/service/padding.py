@@ -36,8 +36,7 @@ _OUTPUT_AXES: dict[str, tuple[str | None, ...]] = {
     "attention_weights": (None, "L", "S"),  # (B, h, L, S)
 }
 
-# Policies: name -> (candidate order, padding cap applies). See mha.service.batching's
-# docstring for the trade-offs.
+# Policy names; mha.service.batching's docstring has what each does and its trade-off.
 POLICIES = ("bucket", "cap", "fifo")
 
 
@@ -131,10 +130,10 @@ def select(
     if policy == "bucket":
         anchor = shapes[0]
 
-        def distance(i: int) -> tuple[int, int]:
+        def distance(i: int) -> tuple[int, int, int]:
             s = shapes[i]
             gap = abs(_bucket(s.L) - _bucket(anchor.L)) + abs(_bucket(s.S) - _bucket(anchor.S))
-            return (gap, i)
+            return (gap, abs(s.L - anchor.L) + abs(s.S - anchor.S), i)
 
         order.sort(key=distance)
     capped = policy != "fifo"
