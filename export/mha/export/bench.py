@@ -48,7 +48,7 @@ NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `mha bench export`."""
     parser.add_argument("--out", type=Path, default=Path("bench-out/export"), help="output dir")
-    parser.add_argument("--repeats", type=int, help="timed runs per contestant (default 60)")
+    parser.add_argument("--repeats", type=int, help="timed runs per contestant (default 40)")
     parser.add_argument("--warmup", type=int, help="untimed runs per contestant (default 5)")
     parser.add_argument("--quick", action="store_true", help="small shapes, few runs (smoke)")
     parser.add_argument("--shapes", nargs="+", metavar="BxL", help="e.g. 1x16 8x128")
@@ -363,7 +363,7 @@ def measure(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
     from mha.model import DEFAULT_SEED, AttentionConfig, seeded_model
 
     shapes = parse_shapes(args.shapes, args.quick)
-    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 60)
+    repeats = args.repeats if args.repeats is not None else (5 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
     threads = args.threads if args.threads is not None else cores()
     if repeats < 1 or warmup < 0 or threads < 1:
