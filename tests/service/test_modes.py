@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from service_helpers import RunningServer, random_inputs, settings_for
@@ -15,6 +16,8 @@ from service_helpers import RunningServer, random_inputs, settings_for
 from mha.model import AttentionConfig, seeded_model
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service import codec, logs
+from mha.service.model_repository import scan
+from mha.service.runtime import SessionRunner
 
 
 def test_no_compute_answers_zeros_of_the_right_shapes(repository: Path):
@@ -82,3 +85,18 @@ def test_cuda_serving_matches_eager_through_io_binding(repository: Path):
         np.testing.assert_allclose(answer["attention_weights"], weights.numpy(), atol=1e-5, rtol=0)
     finally:
         server.close()
+
+
+def test_io_binding_runner_equals_session_run(repository: Path):
+    """The IO binding code path (CUDA's) run on CPU gives session.run's answer exactly."""
+    spec = scan(repository)["cross"][1]
+    session = ort.InferenceSession(str(spec.model_file), providers=["CPUExecutionProvider"])
+    plain = SessionRunner(session, "CPUExecutionProvider")
+    bound = SessionRunner(session, "CPUExecutionProvider", bind="cpu")
+    assert bound.io_binding and not plain.io_binding
+    feeds = random_inputs("cross", batch=2, length=5, source=8, seed=3)
+    outputs = ("attention_weights", "output")
+    expected, got = plain(feeds, outputs), bound(feeds, outputs)
+    assert list(got) == list(outputs)
+    for name in outputs:
+        np.testing.assert_array_equal(got[name], expected[name])

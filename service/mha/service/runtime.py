@@ -52,11 +52,21 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 class SessionRunner:
-    """session.run on CPU; IO binding on CUDA (inputs copied once, outputs allocated on GPU)."""
+    """session.run on CPU; IO binding on CUDA (inputs copied once, outputs allocated on GPU).
 
-    def __init__(self, session: ort.InferenceSession, provider: str) -> None:
+    `bind` names the device outputs are bound to ("cuda" on the CUDA provider, None = no
+    IO binding); "cpu" runs the same IO binding code on a CPU session.
+    """
+
+    def __init__(
+        self, session: ort.InferenceSession, provider: str, *, bind: str | None = None
+    ) -> None:
         self.session = session
-        self.io_binding = provider == devices.CUDA
+        self.bind = bind if bind is not None else ("cuda" if provider == devices.CUDA else None)
+
+    @property
+    def io_binding(self) -> bool:
+        return self.bind is not None
 
     def __call__(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]
@@ -75,7 +85,7 @@ class SessionRunner:
             binding.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in outputs:
             # Shapes are dynamic, so ORT allocates each output on the device at run time.
-            binding.bind_output(name, "cuda", devices.CUDA_OPTIONS["device_id"])
+            binding.bind_output(name, self.bind, devices.CUDA_OPTIONS["device_id"])
         binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()

@@ -112,6 +112,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Any:
+        """Tensors from mha.json; key_padding_mask is listed but optional in a request.
+
+        The protocol's TensorMetadata has no "optional" flag: a request may omit the mask
+        (nothing padded). versions = every version on disk; platform = onnxruntime_onnx.
+        """
         spec = self.table.resolve(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
