@@ -64,6 +64,7 @@ class CountingRunner:
         self.samples: list[int] = []  # batch axis of each run's query
         self.widths: list[tuple[int, int]] = []  # (L, S) of each run
         self.masked: list[float] = []  # fraction of True in each run's key_padding_mask
+        self.asked: list[tuple[str, ...]] = []  # outputs each run computed
         self.active = self.max_active = 0  # runs in progress, now and at most
         self._entered = threading.Semaphore(0)
         self._gate = threading.Event()
@@ -87,6 +88,7 @@ class CountingRunner:
             self.samples.append(int(feeds["query"].shape[0]))
             self.widths.append((int(feeds["query"].shape[1]), int(mask.shape[1])))
             self.masked.append(float(mask.mean()))
+            self.asked.append(tuple(outputs))
             self.active += 1
             self.max_active = max(self.max_active, self.active)
         self._entered.release()

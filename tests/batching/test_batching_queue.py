@@ -196,6 +196,53 @@ def test_jobs_arriving_during_a_run_form_the_next_batch(model: Model) -> None:
     asyncio.run(main())
 
 
+def test_a_client_gone_mid_run_does_not_disturb_its_batch(model: Model) -> None:
+    async def main() -> None:
+        runner = CountingRunner(model.run)
+        scheduler = scheduler_for(model, runner, max_queue_delay_us=50_000)
+        gone, staying = jobs(model, 2)
+        runner.hold()
+        tasks = [asyncio.create_task(scheduler.submit(job)) for job in (gone, staying)]
+        await runner.entered()
+        tasks[0].cancel()
+        runner.release()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[0]
+        result = await tasks[1]
+        await scheduler.close()
+        assert runner.samples == [2] and result.batch_size == 2
+        np.testing.assert_allclose(
+            result.outputs["output"], model.run(staying.inputs, ("output",))["output"], atol=1e-5
+        )
+
+    asyncio.run(main())
+
+
+def test_only_jobs_asking_the_same_outputs_share_a_run(models) -> None:
+    """attention_weights is computed only for the jobs that asked for it."""
+    model = models("cross-fp32")
+    rng = np.random.default_rng(5)
+    plain = [make_job(model, rng, 1, 4, 6, request_id=f"p{i}") for i in range(2)]
+    weighted = make_job(model, rng, 1, 4, 6, outputs=("output", "attention_weights"))
+
+    async def main() -> list:
+        runner = CountingRunner(model.run)
+        scheduler = scheduler_for(model, runner, max_queue_delay_us=50_000, policy="fifo")
+        results = await asyncio.gather(
+            *(scheduler.submit(j) for j in [plain[0], weighted, plain[1]])
+        )
+        await scheduler.close()
+        assert sorted(zip(runner.asked, runner.samples, strict=True)) == [
+            (("output",), 2),
+            (("output", "attention_weights"), 1),
+        ]
+        return results
+
+    first, middle, last = asyncio.run(main())
+    assert list(first.outputs) == list(last.outputs) == ["output"]
+    assert list(middle.outputs) == ["output", "attention_weights"]
+
+
 def test_a_job_larger_than_max_batch_size_runs_alone(model: Model) -> None:
     async def main() -> None:
         runner = CountingRunner(model.run)
