@@ -113,3 +113,23 @@ def test_silent_fallback_is_caught():
     assert devices.check_session_providers(strict, [devices.CUDA, devices.CPU], "m/1") == (
         devices.CUDA
     )
+
+
+def test_no_compute_is_a_plain_switch():
+    assert from_sources(parse("--no-compute"), {}).no_compute is True
+    assert from_sources(parse(), {"MHA_NO_COMPUTE": "1"}).no_compute is True
+    assert from_sources(parse(), {}).no_compute is False
+
+
+def test_grpc_options_carry_limits_and_connection_age():
+    from mha.service.server import grpc_options
+
+    options = dict(grpc_options(Settings(max_message_bytes=1000)))
+    assert options["grpc.max_receive_message_length"] == 1000
+    assert options["grpc.max_send_message_length"] == 1000
+    assert "grpc.max_connection_age_ms" not in options  # 0 = off
+    aged = dict(
+        grpc_options(Settings(max_connection_age_seconds=300, max_connection_age_grace_seconds=30))
+    )
+    assert aged["grpc.max_connection_age_ms"] == 300_000
+    assert aged["grpc.max_connection_age_grace_ms"] == 30_000

@@ -153,8 +153,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Settings()
     for spec in SPECS:
         default = getattr(defaults, spec.field)
-        help_text = f"{spec.help} [env {spec.env}; default {default}]"
-        if spec.field in _BOOLEAN_FIELDS:
+        shown = "" if default is None else f"; default {default}"
+        help_text = f"{spec.help} [env {spec.env}{shown}]"
+        if spec.field == "no_compute":  # a mode switched on, never "--no-no-compute"
+            parser.add_argument(
+                spec.flag, dest=spec.field, action="store_const", const=True,
+                default=argparse.SUPPRESS, help=help_text,
+            )  # fmt: skip
+        elif spec.field in _BOOLEAN_FIELDS:
             parser.add_argument(
                 spec.flag, dest=spec.field, action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS, help=help_text,
