@@ -183,7 +183,7 @@ class BatchingScheduler:
             return
         assert self._wake is not None
         self._wake.set()
-        await self._worker
+        await asyncio.gather(self._worker, return_exceptions=True)  # _log_death logged it
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
