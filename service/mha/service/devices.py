@@ -24,7 +24,13 @@ CUDA = "CUDAExecutionProvider"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # use_tf32=0: TF32 matmuls (Ampere+) would miss the fp32 parity the export proved (1e-5).
-CUDA_OPTIONS: dict[str, Any] = {"device_id": 0, "use_tf32": 0}
+# kSameAsRequested: shapes vary per request, so grow the GPU arena by what a run needs,
+# not by powers of two.
+CUDA_OPTIONS: dict[str, Any] = {
+    "device_id": 0,
+    "use_tf32": 0,
+    "arena_extend_strategy": "kSameAsRequested",
+}
 
 
 def _read(path: Path) -> str | None:

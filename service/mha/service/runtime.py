@@ -48,6 +48,10 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = ORT_LOG_SEVERITY
+    # Shapes vary per request (and per merged batch): the CPU arena keeps its peak forever
+    # (measured: 370 MB RSS after 300 runs of B<=32, L<=256, d_model 512; 145 MB without
+    # it) and dropping it cost no measurable latency at (1,16), (1,128) or (8,128).
+    options.enable_cpu_mem_arena = False
     return options
 
 
