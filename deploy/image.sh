@@ -75,9 +75,14 @@ build_image() {
     ensure_tools
     choose_base
     log "building $IMAGE from $DOCKERFILE on BASE=$BASE"
-    local ca=() build_log=$WORK/build-${IMAGE//[^A-Za-z0-9.-]/_}.log
-    [[ -f $CA_BUNDLE ]] && ca=(--volume "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
-    "${PODMAN[@]}" build "${ULIMIT[@]}" "${ca[@]}" --file "$DOCKERFILE" \
+    local pip=() build_log=$WORK/build-${IMAGE//[^A-Za-z0-9.-]/_}.log
+    [[ -f $CA_BUNDLE ]] && pip=(--volume "$CA_BUNDLE:/run/host-ca.crt:ro" --build-arg PIP_CERT=/run/host-ca.crt)
+    # The host's pip index settings and local wheel folder reach the build too.
+    for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL; do
+        [[ -n ${!var:-} ]] && pip+=(--build-arg "$var=${!var}")
+    done
+    [[ -d ${PIP_FIND_LINKS:-} ]] && pip+=(--volume "$PIP_FIND_LINKS:$PIP_FIND_LINKS:ro" --build-arg "PIP_FIND_LINKS=$PIP_FIND_LINKS")
+    "${PODMAN[@]}" build "${ULIMIT[@]}" "${pip[@]}" --file "$DOCKERFILE" \
         --build-arg "BASE=$BASE" --tag "$IMAGE" . > "$build_log" 2>&1 \
         || { tail -n 30 "$build_log"; exit 1; }
     "${PODMAN[@]}" image inspect --format 'image {{.Id}} size {{.Size}} bytes user {{.Config.User}} entrypoint {{.Config.Entrypoint}}' "$IMAGE"
