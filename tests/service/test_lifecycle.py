@@ -192,3 +192,29 @@ def test_missing_repository_fails_clearly(tmp_path: Path):
     )  # fmt: skip
     assert done.returncode == 2
     assert f"model repository {tmp_path / 'nothing'} is not a folder" in done.stderr
+
+
+def test_sigterm_while_models_load_exits_cleanly(repository: Path, tmp_path: Path):
+    """The port is bound before loading; a SIGTERM then stops the load and exits 0."""
+    repo = tmp_path / "many"
+    (repo / "self").mkdir(parents=True)
+    for version in range(1, 121):  # enough versions that loading takes a while
+        (repo / "self" / str(version)).symlink_to((repository / "self" / "1").resolve())
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [MHA, "serve", "--repository", str(repo), "--host", "127.0.0.1", "--port", "0",
+         "--port-file", str(port_file), "--metrics-port", "off", "--threads", "1"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    with grpc.insecure_channel(f"127.0.0.1:{int(port_file.read_text())}") as channel:
+        assert health_of(channel, "liveness") == SERVING
+        loading = health_of(channel, "") == NOT_SERVING
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert loading, "the models were loaded before the test could signal; add versions"
+    assert "ready:" not in stderr and "stopped:" in stderr
