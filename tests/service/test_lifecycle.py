@@ -218,3 +218,13 @@ def test_sigterm_while_models_load_exits_cleanly(repository: Path, tmp_path: Pat
     assert process.returncode == 0, stderr
     assert loading, "the models were loaded before the test could signal; add versions"
     assert "ready:" not in stderr and "stopped:" in stderr
+
+
+def test_port_in_use_is_a_clear_error(running: RunningServer, repository: Path):
+    done = subprocess.run(
+        [MHA, "serve", "--repository", str(repository), "--host", "127.0.0.1",
+         "--port", str(running.port), "--metrics-port", "off"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert f"cannot bind gRPC to 127.0.0.1:{running.port}" in done.stderr
