@@ -10,6 +10,7 @@
 #   DOCKERFILE=path   deploy/Dockerfile (default) or deploy/Dockerfile.cuda
 #   IMAGE=tag         the tag to build (default mha-serve:cpu)
 #   WORK=dir          cache for the debootstrap root (default /var/tmp/mha-smoke)
+#   LOCAL_BASE=tag    the debootstrap base's tag (default localhost/mha-base:bookworm)
 # deploy/smoke.sh sources this file for the same settings and functions.
 set -euo pipefail
 
@@ -19,7 +20,7 @@ IMAGE=${IMAGE:-mha-serve:cpu}
 DOCKERFILE=${DOCKERFILE:-deploy/Dockerfile}
 WORK=${WORK:-/var/tmp/mha-smoke}
 PULL_BASE=docker.io/library/python:3.11-slim-bookworm
-LOCAL_BASE=localhost/mha-base:bookworm
+LOCAL_BASE=${LOCAL_BASE:-localhost/mha-base:bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # crun fails in this kind of sandbox; runc works.
 PODMAN=(podman --runtime runc)
@@ -52,7 +53,7 @@ debootstrap_base() {
             bookworm "$root" "$DEBIAN_MIRROR" > "$WORK/debootstrap.log"
         rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
     fi
-    tar -C "$root" -c . | "${PODMAN[@]}" import --change 'CMD ["python3"]' - "$LOCAL_BASE" > /dev/null
+    tar -C "$root" -c . | "${PODMAN[@]}" import --quiet --change 'CMD ["python3"]' - "$LOCAL_BASE" > /dev/null
 }
 
 choose_base() {

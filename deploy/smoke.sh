@@ -44,6 +44,9 @@ main() {
     build_image
     echo "no torch in the image: $("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" --entrypoint python3 "$IMAGE" \
         -c 'import importlib.util as u; print(u.find_spec("torch") is None)')"
+    # The Deployment's preStop hook execs `sleep` from the image.
+    echo "preStop's sleep in the image: $("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" \
+        --entrypoint sleep "$IMAGE" 0 && echo yes)"
     export_models
 
     trap cleanup EXIT
