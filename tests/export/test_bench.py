@@ -70,8 +70,10 @@ def test_every_contestant_and_case_is_reported(quick):
     assert report["cases"] == QUICK_CASES
     got = {(r["case"], r["contestant"]) for r in report["results"]}
     assert got == {(c, n) for c in QUICK_CASES for n in CONTESTANTS}
+    one_thread = report["settings"]["torch"]["num_threads"] == 1
     for row in report["results"]:
         assert row["runs"] == 3
+        assert (row["cpu_median_ms"] is not None) == one_thread
         assert 0 < row["p10_ms"] <= row["median_ms"] <= row["p90_ms"]
         assert row["speedup_vs_torch"] > 0 and row["speedup_vs_none"] > 0
 
@@ -101,7 +103,7 @@ def test_torch_threads_are_restored(quick):
     assert quick["threads_after"] == quick["threads_before"]
 
 
-def test_repository_exports_are_reused(quick):
+def test_repository_exports_are_reused_and_one_thread_reports_cpu_time(quick):
     repo = quick["root"] / "repo"
     models = sorted(repo.glob("bench-*/1/model.onnx"))
     assert len(models) == 3
@@ -109,12 +111,16 @@ def test_repository_exports_are_reused(quick):
     out = quick["root"] / "again"
     status, _, stderr = run_bench(
         "--d-model", "64", "--num-heads", "4", "--shapes", "1x4", "--repeats", "1",
-        "--warmup", "0", "--out", str(out), "--repository", str(repo),
+        "--warmup", "0", "--threads", "1", "--out", str(out), "--repository", str(repo),
     )  # fmt: skip
     assert status == 0
     assert stderr.count("reusing") == 3 and "exporting" not in stderr
     assert [m.stat().st_mtime_ns for m in models] == stamps
-    assert json.loads((out / "bench-export.json").read_text())["cases"] == ["B1-L4", "B1-L4-padded"]
+    report = json.loads((out / "bench-export.json").read_text())
+    assert report["cases"] == ["B1-L4", "B1-L4-padded"]
+    # on one thread every contestant also reports its CPU time per call
+    assert all(r["cpu_median_ms"] > 0 for r in report["results"])
+    assert report["settings"]["ort_session"]["intra_op_num_threads"] == 1
 
 
 def test_padded_case_pads_the_last_quarter_of_every_sample():

@@ -220,14 +220,19 @@ def busy_seconds() -> float | None:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_runs(calls: dict[str, Call], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per run. Contestants take turns in blocks, in a rotating order, so drift
-    (other processes, clock changes) hits every contestant alike; each block starts on an
-    idle process with one untimed call."""
+def timed_runs(
+    calls: dict[str, Call], warmup: int, repeats: int
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall, calling-thread CPU) seconds per run.
+
+    Contestants take turns in blocks, in a rotating order, so drift (other processes, clock
+    changes) hits every contestant alike; each block starts on an idle process with one
+    untimed call.
+    """
     for call in calls.values():
         for _ in range(warmup):
             call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in calls}
     names = list(calls)
     turn = 0
     while any(len(t) < repeats for t in times.values()):
@@ -236,9 +241,9 @@ def timed_runs(calls: dict[str, Call], warmup: int, repeats: int) -> dict[str, l
             settle()
             call()
             for _ in range(min(BLOCK, repeats - len(times[name]))):
-                start = time.perf_counter()
+                cpu, start = time.thread_time(), time.perf_counter()
                 call()
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start, time.thread_time() - cpu))
         turn += 1
     return times
 
@@ -246,8 +251,8 @@ def timed_runs(calls: dict[str, Call], warmup: int, repeats: int) -> dict[str, l
 def bench_case(
     contestants: list[Contestant], case: Case, d_model: int, warmup: int, repeats: int
 ) -> tuple[list[dict], float | None]:
-    """Per contestant: median, p10, p90 (ms) and max |error| vs our eager output; and the
-    cores other processes kept busy meanwhile."""
+    """Per contestant: wall median, p10, p90 (ms), max |error| vs our eager output and, on one
+    thread, the CPU ms per call; and the cores other processes kept busy meanwhile."""
     query, mask = case.inputs(d_model)
     calls = {c.name: c.prepare(query, mask) for c in contestants}
     outputs = {c.name: c.to_numpy(calls[c.name]()) for c in contestants}
@@ -260,9 +265,11 @@ def bench_case(
         own_cpu = time.process_time() - own
         others = max(0.0, (busy_after - busy - own_cpu) / (time.perf_counter() - wall))
     reference = outputs[OURS].astype(np.float64)
+    single_thread = case_threads() == 1
     rows = []
-    for name, seconds in times.items():
-        ms = np.asarray(seconds) * 1e3
+    for name, runs in times.items():
+        ms = np.asarray([w for w, _ in runs]) * 1e3
+        cpu_ms = float(np.median([c for _, c in runs]) * 1e3) if single_thread else None
         rows.append(
             {
                 "case": case.id,
@@ -273,12 +280,22 @@ def bench_case(
                 "median_ms": float(np.median(ms)),
                 "p10_ms": float(np.percentile(ms, 10)),
                 "p90_ms": float(np.percentile(ms, 90)),
+                # all work runs on the calling thread then, so this ignores time spent
+                # descheduled: a figure that other processes' load barely moves
+                "cpu_median_ms": cpu_ms,
                 "runs": len(ms),
                 "max_abs_error": float(np.abs(outputs[name] - reference).max()),
                 "other_processes_cores": others,
             }
         )
     return rows, others
+
+
+def case_threads() -> int:
+    """torch's intra-op thread count, which measure() sets to the ORT sessions' count."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def machine(threads: int) -> dict:

@@ -66,7 +66,7 @@ def results_table(rows: list[dict]) -> str:
     from mha.export.report import table
 
     header = ["case", "contestant", "median ms", "p10 ms", "p90 ms", "max abs err"]
-    header += ["vs torch", "vs none", "others busy"]
+    header += ["vs torch", "vs none", "cpu ms (1 thread)", "others busy"]
     body = [
         [
             r["case"],
@@ -77,6 +77,7 @@ def results_table(rows: list[dict]) -> str:
             f"{r['max_abs_error']:.1e}",
             f"{r['speedup_vs_torch']:.2f}x",
             f"{r['speedup_vs_none']:.2f}x",
+            "-" if r.get("cpu_median_ms") is None else f"{r['cpu_median_ms']:.3f}",
             "?"
             if r["other_processes_cores"] is None
             else f"{r['other_processes_cores']:.2f} cores",
