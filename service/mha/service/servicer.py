@@ -183,6 +183,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.metrics.statistics.success(
             *labels, int(elapsed * 1e9), result.queue_ns, result.compute_ns, job.batch_size
         )
+        if log.isEnabledFor(logging.DEBUG):  # an access log line, off at the default INFO
+            log.debug(
+                "ModelInfer %s/%s query %s: %.2f ms (queue %.2f, compute %.2f, run of %d)",
+                *labels, list(job.inputs["query"].shape), elapsed * 1e3,
+                result.queue_ns / 1e6, result.compute_ns / 1e6, result.batch_size,
+            )  # fmt: skip
         return response
 
     def _failed(self, labels: tuple[str, str], err: BaseException, started: float) -> None:
