@@ -119,7 +119,8 @@ def test_repository_exports_are_reused_and_one_thread_reports_cpu_time(quick):
     report = json.loads((out / "bench-export.json").read_text())
     assert report["cases"] == ["B1-L4", "B1-L4-padded"]
     # on one thread every contestant also reports its CPU time per call
-    assert all(r["cpu_median_ms"] > 0 for r in report["results"])
+    assert all(r["cpu_median_ms"] > 0 and r["cpu_speedup_vs_torch"] > 0 for r in report["results"])
+    assert all(c["cpu_speedup"] > 0 for c in report["targets"])
     assert report["settings"]["ort_session"]["intra_op_num_threads"] == 1
 
 
