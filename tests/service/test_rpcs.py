@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_helpers import RunningServer, random_inputs, settings_for
@@ -84,6 +85,25 @@ def test_reflection_lists_the_services(running: RunningServer):
     [response] = list(stub.ServerReflectionInfo(iter([request])))
     names = {s.name for s in response.list_services_response.service}
     assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("symbol", "file"),
+    [
+        ("inference.GRPCInferenceService", "grpc_predict_v2.proto"),
+        ("inference.ModelInferRequest", "grpc_predict_v2.proto"),
+        ("grpc.health.v1.Health", health_pb2.DESCRIPTOR.name),
+    ],
+)
+def test_reflection_describes_symbols(running: RunningServer, symbol: str, file: str):
+    """What grpcurl asks before it can call a method: the file defining a symbol."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol)
+    [response] = list(stub.ServerReflectionInfo(iter([request])))
+    assert not response.HasField("error_response"), response.error_response
+    [raw] = response.file_descriptor_response.file_descriptor_proto
+    proto = descriptor_pb2.FileDescriptorProto.FromString(raw)
+    assert proto.name == file
 
 
 @pytest.fixture(scope="module")

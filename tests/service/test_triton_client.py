@@ -1,8 +1,8 @@
 """Triton's Python gRPC client, unchanged, against this server.
 
-tritonclient registers its own `inference.*` messages in protobuf's default descriptor pool,
-as mha.proto does, so the two cannot be imported into one process ("duplicate symbol
-'inference.ServerLiveRequest'"): the Triton client runs in a subprocess of its own.
+The Triton client runs in a process of its own, as a user's program would, so nothing of
+mha is imported beside it. (The two can share a process too: mha.proto keeps its descriptors
+in a private pool; tests/service/test_proto.py checks that.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ print(json.dumps(report))
 
 
 def test_tritonclient_round_trip(running: RunningServer, tmp_path):
-    if importlib.util.find_spec("tritonclient") is None:  # not imported here: see above
+    if importlib.util.find_spec("tritonclient") is None:
         pytest.skip("tritonclient is not installed")
     arrays = random_inputs("cross", batch=2, length=6, source=9, seed=11)
     np.savez(tmp_path / "inputs.npz", **arrays)

@@ -38,7 +38,8 @@ def generate() -> dict[str, str]:
         files = {}
         for path in sorted(Path(tmp).iterdir()):
             source = next(p for p in PROTOS if path.name.startswith(Path(p).stem))
-            files[path.name] = HEADER.format(name=source) + _relative_imports(path.read_text())
+            text = _private_pool(_relative_imports(path.read_text()))
+            files[path.name] = HEADER.format(name=source) + text
     return files
 
 
@@ -46,6 +47,16 @@ def _relative_imports(text: str) -> str:
     # grpc_tools writes `import x_pb2 as ...`, which only works with the output folder on
     # sys.path; inside the mha.proto package the import must be relative.
     return re.sub(r"^import (\w+_pb2) as ", r"from . import \1 as ", text, flags=re.M)
+
+
+def _private_pool(text: str) -> str:
+    # tritonclient registers the same `inference.*` names in protobuf's default pool; two
+    # registrations of one name fail at import ("duplicate symbol"). A pool of our own lets
+    # both clients live in one process; the wire format does not depend on the pool.
+    return text.replace(
+        "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(",
+        "POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(",
+    )
 
 
 def drift() -> list[str]:

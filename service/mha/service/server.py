@@ -21,8 +21,9 @@ from typing import Any
 
 import grpc
 import onnxruntime as ort
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -104,7 +105,9 @@ class Server:
             await self.health.set(name, NOT_SERVING)
         if self.settings.reflection:
             names = (INFERENCE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
-            reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)
+            reflection.enable_server_reflection(
+                (*names, reflection.SERVICE_NAME), server, pool=reflection_pool()
+            )
         address = f"{self.settings.host}:{self.settings.port}"
         try:
             self.port = server.add_insecure_port(address)
@@ -243,3 +246,13 @@ async def serve(settings: Settings) -> None:
     finally:
         stopping.cancel()
         await server.stop()
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection serves: ours (kept out of the default pool), health, itself."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in (pb.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        pool.Add(proto)
+    return pool
