@@ -45,43 +45,24 @@ def _get(point: Row | None, key: str) -> float:
     return float(point[key]) if point is not None and point.get(key) is not None else math.nan
 
 
+POINT_COLUMNS = (
+    ("requests", "requests"), ("rps", "req/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
+    ("p99_ms", "p99 ms"), ("max_ms", "max ms"), ("mean_batch", "mean batch"),
+    ("padding_fraction", "padding"), ("client_cpu_ms", "client CPU ms/req"),
+)  # fmt: skip
+
+
 def points_table(points: Sequence[Row]) -> str:
+    """Every measured point, one row each."""
     rows = []
     for p in points:
         load = f"rate {p['rate']:g}/s" if p["rate"] else f"c={p['concurrency']}"
         if p.get("merge", 1) > 1:
             load += f" x{p['merge']}"
         errors = ", ".join(f"{k} {v}" for k, v in sorted(p["errors"].items())) or "0"
-        rows.append(
-            [
-                p["config"],
-                p["workload"],
-                load,
-                p["requests"],
-                p["rps"],
-                p["p50_ms"],
-                p["p90_ms"],
-                p["p99_ms"],
-                p["max_ms"],
-                p.get("mean_batch"),
-                p.get("padding_fraction"),
-                errors,
-            ]
-        )
-    headers = [
-        "config",
-        "workload",
-        "load",
-        "requests",
-        "req/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "mean batch",
-        "padding",
-        "errors",
-    ]
+        values = [p.get(key) for key, _ in POINT_COLUMNS]
+        rows.append([p["config"], p["workload"], load, *values, errors])
+    headers = ["config", "workload", "load", *(title for _, title in POINT_COLUMNS), "errors"]
     return table(headers, rows)
 
 

@@ -209,6 +209,7 @@ class Runner:
             "p99_ms": result.percentile_ms(99),
             "max_ms": result.percentile_ms(100),
             "errors": result.errors,
+            "client_cpu_ms": result.client_cpu_ms,
         }
 
 

@@ -51,6 +51,7 @@ class LoadResult:
     errors: dict[str, int]  # status code name -> count (measured window)
     elapsed_s: float  # measured window as it ran (until the last counted answer)
     sent: int = 0
+    client_cpu_ms: float = float("nan")  # load generator's CPU per answer (it shares the cores)
 
     @property
     def completed(self) -> int:
@@ -76,12 +77,14 @@ class _Recorder:
     errors: Counter = field(default_factory=Counter)
     sent: int = 0
     last_end: float = 0.0
+    answers: int = 0  # warm-up included
 
     def more(self, now: float) -> bool:
         return now < self.stop_at and (not self.budget or self.sent < self.budget)
 
     def done(self, started: float, code: str | None) -> None:
         end = time.perf_counter()
+        self.answers += 1
         if started < self.measure_from:
             return
         self.last_end = max(self.last_end, end)
@@ -141,7 +144,7 @@ async def _run(spec: LoadSpec, share: int, part: int, progress: Synchronized | N
     async with grpc.aio.insecure_channel(spec.url, options=channel_options(1 << 30)) as channel:
         await asyncio.wait_for(channel.channel_ready(), timeout=spec.timeout_s)
         call = channel.unary_unary(MODEL_INFER, request_serializer=None, response_deserializer=None)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         budget = -(-spec.max_requests // spec.processes) if spec.max_requests else 0
         rec = _Recorder(
             start + spec.warmup_s, start + spec.warmup_s + spec.duration_s, budget, progress
@@ -152,6 +155,8 @@ async def _run(spec: LoadSpec, share: int, part: int, progress: Synchronized | N
             await _closed(call, spec, share, rec, rng)
     elapsed = max(rec.last_end - rec.measure_from, 0.0)
     return {
+        "cpu": time.process_time() - cpu_start,
+        "answers": rec.answers,
         "latencies": rec.latencies,
         "errors": dict(rec.errors),
         "elapsed": elapsed,
@@ -219,4 +224,6 @@ def _merge(parts: dict[int, dict], expected: int) -> LoadResult:
     latencies = np.array([x for p in parts.values() for x in p["latencies"]], dtype=np.float64)
     elapsed = max(p["elapsed"] for p in parts.values())
     sent = sum(p["sent"] for p in parts.values())
-    return LoadResult(latencies, dict(errors), elapsed, sent)
+    answers = sum(p["answers"] for p in parts.values())
+    cpu_ms = 1e3 * sum(p["cpu"] for p in parts.values()) / answers if answers else float("nan")
+    return LoadResult(latencies, dict(errors), elapsed, sent, cpu_ms)
