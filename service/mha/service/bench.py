@@ -43,8 +43,15 @@ from mha.service.client import Client, ClientError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument("--url", help="an external OIP server (default: start this project's)")
-    what.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
-    what.add_argument("--model", default="mha", help="model name (mha: exported if missing)")
+    what.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("models"),
+        help="model repository (default: %(default)s)",
+    )
+    what.add_argument(
+        "--model", default="mha", help="model name (default mha: exported if missing)"
+    )
     what.add_argument("--version", default="", help="model version (default: the latest)")
     what.add_argument(
         "--preset",
@@ -52,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="full",
         help="issue3, issue4, full (both), quick (seconds; for tests)",
     )
-    what.add_argument("--quick", action="store_const", const="quick", dest="preset")
+    what.add_argument(
+        "--quick", action="store_const", const="quick", dest="preset", help="= --preset quick"
+    )
     what.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
     load = parser.add_argument_group("custom load (replaces the preset's)")
     load.add_argument("--workloads", help="comma-separated BxL or BxLO-HI, e.g. 1x128,1x16-256")
@@ -71,10 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="ARG",
-        help="extra `mha serve` argument (repeatable)",
+        help="extra `mha serve` argument, repeatable: --server-arg=--max-queue-size=512",
     )
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, default=Path("bench-out/serve"), help="folder")
+    output.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench-out/serve"),
+        help="folder for bench.json and bench.png (default: %(default)s)",
+    )
     output.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 

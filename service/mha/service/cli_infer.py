@@ -26,17 +26,27 @@ WEIGHTS = "attention_weights"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("server")
-    target.add_argument("--url", default="localhost:8001", help="host:port of the gRPC server")
-    target.add_argument("--model", default="mha", help="model name")
+    target.add_argument(
+        "--url",
+        default="localhost:8001",
+        help="host:port of the gRPC server (default: %(default)s)",
+    )
+    target.add_argument("--model", default="mha", help="model name (default: %(default)s)")
     target.add_argument("--version", default="", help="model version (default: the latest)")
-    target.add_argument("--timeout", type=float, default=30.0, help="seconds per RPC")
+    target.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per RPC (default: %(default)s)"
+    )
     target.add_argument("--id", default="", help="request id (echoed by the server)")
     target.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
     inputs = parser.add_argument_group("inputs (random, seeded, unless files are given)")
-    inputs.add_argument("-b", "--batch", type=int, default=1, help="B")
-    inputs.add_argument("-l", "--length", type=int, default=16, help="L, query length")
+    inputs.add_argument(
+        "-b", "--batch", type=int, default=1, help="B, samples (default: %(default)s)"
+    )
+    inputs.add_argument(
+        "-l", "--length", type=int, default=16, help="L, query length (default: %(default)s)"
+    )
     inputs.add_argument("-s", "--source-length", type=int, help="S, key length (default L)")
-    inputs.add_argument("--seed", type=int, default=0)
+    inputs.add_argument("--seed", type=int, default=0, help="random inputs' seed (default: 0)")
     for name in ("query", "key", "value", "mask"):
         inputs.add_argument(f"--{name}", type=Path, metavar="NPY", help=f"{name} from a .npy file")
     inputs.add_argument("--padded", type=int, default=0, metavar="N", help="mask the last N keys")
