@@ -115,6 +115,7 @@ def plot(report: dict, path: Path) -> None:
     # Figure + Agg canvas rather than pyplot: no global backend state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     cases, contestants = report["cases"], report["contestants"]
     rows = {(r["case"], r["contestant"]): r for r in report["results"]}
@@ -142,7 +143,18 @@ def plot(report: dict, path: Path) -> None:
     )
     speed.axhline(1.0, color="grey", linewidth=0.8)
     speed.set_yscale("log")
-    speed.set_ylabel("speed-up over torch nn.MHA (x, log)")
+    speed.set_ylabel("speed-up over torch nn.MHA (log)")
+    times_x = FuncFormatter(lambda value, _: f"{value:g}x")
+    speed.yaxis.set_major_formatter(times_x)
+    speed.yaxis.set_minor_formatter(times_x)
     figure.legend(*times.get_legend_handles_labels(), loc="outside lower center", ncols=5)
-    speed.set_xticks(x, cases, rotation=20)
+    speed.set_xticks(x, [tick_label(case, rows[(case, TORCH)]) for case in cases], rotation=20)
     figure.savefig(path, dpi=110)
+
+
+def tick_label(case: str, row: dict) -> str:
+    """The case id, marked when other processes loaded the machine while it was timed."""
+    others = row.get("other_processes_cores")
+    if others is None or others < CONTENDED_CORES:
+        return case
+    return f"{case}\n(contended: {others:.1f} cores)"
