@@ -133,3 +133,11 @@ def test_grpc_options_carry_limits_and_connection_age():
     )
     assert aged["grpc.max_connection_age_ms"] == 300_000
     assert aged["grpc.max_connection_age_grace_ms"] == 30_000
+
+
+def test_padding_cap_defaults_by_device():
+    from mha.service.server import padding_for
+
+    assert padding_for("CPUExecutionProvider") == 0.0  # padding is pure loss on CPU
+    assert padding_for("CUDAExecutionProvider") == 0.25
+    assert Settings().max_padding_fraction is None  # unset: chosen per device at load

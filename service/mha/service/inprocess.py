@@ -22,12 +22,14 @@ MASK = "key_padding_mask"
 
 
 def make_session(model_file: Path, threads: int | None) -> Any:
-    """A CPU session with the server's options (threads: None = the server's default)."""
+    """A CPU session as a user's own process would have it: the server's options but ORT's
+    default spinning threads (nothing else shares the cores there). threads: None = the
+    server's default."""
     import onnxruntime as ort
 
     from mha.service import devices, runtime
 
-    options = runtime.session_options(threads or devices.default_threads())
+    options = runtime.session_options(threads or devices.default_threads(), spinning=True)
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
 

@@ -137,7 +137,7 @@ class Server:
                 max_sequence_length=self.settings.max_sequence_length or spec.max_sequence_length,
                 max_bytes=self.settings.max_message_bytes,
             )
-            scheduler = self._scheduler(spec, runner, limits)
+            scheduler = self._scheduler(spec, runner, limits, loaded.provider)
             self.table.served[spec.name, spec.version] = runtime.ServedModel(
                 loaded, scheduler, limits
             )
@@ -149,7 +149,7 @@ class Server:
             log.info("ready: %d model version(s) loaded", len(self.table.served))
 
     def _scheduler(
-        self, spec: model_repository.ModelSpec, runner: Runner, limits: Limits
+        self, spec: model_repository.ModelSpec, runner: Runner, limits: Limits, provider: str
     ) -> Scheduler:
         labels = (spec.name, str(spec.version))
         if self.settings.batching:
@@ -163,12 +163,20 @@ class Server:
                     "without batching", spec.name, spec.version,
                 )  # fmt: skip
             else:
-                return self._batching_scheduler(batching, spec, runner, limits)
+                return self._batching_scheduler(batching, spec, runner, limits, provider)
         return DirectScheduler(runner, self.executor, metrics=self.metrics, labels=labels)
 
     def _batching_scheduler(
-        self, batching: Any, spec: model_repository.ModelSpec, runner: Runner, limits: Limits
+        self,
+        batching: Any,
+        spec: model_repository.ModelSpec,
+        runner: Runner,
+        limits: Limits,
+        provider: str,
     ) -> Scheduler:
+        padding = self.settings.max_padding_fraction
+        if padding is None:
+            padding = padding_for(provider)
         try:
             options = batching.BatchingOptions(
                 # The batcher's own default (32) capped by the server's per-request limit.
@@ -177,7 +185,8 @@ class Server:
                 max_queue_delay_us=self.settings.max_batch_delay_us,
                 max_queue_size=self.settings.max_queue_size,
                 policy=self.settings.batch_policy,
-                max_padding_fraction=self.settings.max_padding_fraction,
+                max_padding_fraction=padding,
+                max_in_flight=self.settings.max_batches_in_flight,
             )  # fmt: skip
         except ValueError as err:
             raise StartupError(f"batching settings: {err}") from err
@@ -246,6 +255,18 @@ async def serve(settings: Settings) -> None:
     finally:
         stopping.cancel()
         await server.stop()
+
+
+def padding_for(provider: str) -> float:
+    """Default padded-token cap of merged runs on this execution provider.
+
+    On CPU a run's cost per sample barely falls with the batch size, so padding is pure
+    loss: measured on 2 cores, 32 clients, L uniform in [16, 256], batching reached 0.66x the
+    throughput of no batching at a 0.25 cap and 0.82x at 0 (equal lengths merge, which still
+    pays at fixed shapes: 1.12x at (1,16)). A GPU is left idle by small runs, so padding is
+    cheap there and ragged merging pays (not measured here: no GPU).
+    """
+    return 0.25 if provider == "CUDAExecutionProvider" else 0.0
 
 
 def reflection_pool() -> descriptor_pool.DescriptorPool:

@@ -40,10 +40,11 @@ class Settings:
     max_connection_age_seconds: float = 0.0  # 0 = off
     max_connection_age_grace_seconds: float = 0.0  # 0 = off
     batching: bool = True
-    max_batch_delay_us: int = 500
+    max_batch_delay_us: int = 0  # 0: batch what queued while the last run was busy
     max_queue_size: int = 256
+    max_batches_in_flight: int = 1
     batch_policy: str = "bucket"
-    max_padding_fraction: float = 0.25
+    max_padding_fraction: float | None = None  # None: by device (server.padding_for)
     port_file: Path | None = None  # write the bound gRPC port here (useful with port 0)
     no_compute: bool = False  # benchmark floor: decode + validate, answer zeros
 
@@ -63,6 +64,7 @@ class Settings:
             "max_batch_size": self.max_batch_size,
             "max_sequence_length": self.max_sequence_length,
             "max_queue_size": self.max_queue_size,
+            "max_batches_in_flight": self.max_batches_in_flight,
         }
         for name, value in positive.items():
             if value is not None and value < 1:
@@ -135,11 +137,13 @@ SPECS: tuple[Spec, ...] = (
          "grace for calls on an aged connection (0 = off)"),
     Spec("batching", "MHA_BATCHING", _bool, "dynamic batching"),
     Spec("max_batch_delay_us", "MHA_MAX_BATCH_DELAY_US", int,
-         "how long a batch's first request may wait for company"),
+         "how long a batch's first request may wait for company (0: no wait)"),
     Spec("max_queue_size", "MHA_MAX_QUEUE_SIZE", int, "requests waiting per model version"),
+    Spec("max_batches_in_flight", "MHA_MAX_BATCHES_IN_FLIGHT", int,
+         "session runs at once per model version with batching on"),
     Spec("batch_policy", "MHA_BATCH_POLICY", str, "padding policy of the batcher"),
     Spec("max_padding_fraction", "MHA_MAX_PADDING_FRACTION", float,
-         "padded tokens / all tokens allowed in one batch"),
+         "padded tokens / all tokens allowed in one batch (default: 0 on CPU, 0.25 on CUDA)"),
     Spec("port_file", "MHA_PORT_FILE", Path, "write the bound gRPC port to this file"),
     Spec("no_compute", "MHA_NO_COMPUTE", _bool,
          "benchmark floor: validate requests, answer zeros without running the model"),
