@@ -10,7 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mha.service.client import AsyncClient, Client, ClientError, build_infer_request
+from mha.service import codec
+from mha.service.client import AsyncClient, Client, ClientError
 
 
 def inputs_for(model: str, batch: int = 2, length: int = 5, source: int = 7, seed: int = 0):
@@ -128,7 +129,7 @@ def test_message_limit_and_unreachable_server(server_url: str) -> None:
 
 def test_typed_fp16_is_refused_before_sending() -> None:
     with pytest.raises(ValueError, match="FP16"):
-        build_infer_request("m", {"query": np.zeros((1, 2, 4), np.float16)}, typed=True)
+        codec.infer_request("m", {"query": np.zeros((1, 2, 4), np.float16)}, typed=True)
 
 
 def test_async_client_concurrent_requests(server_url: str, client_repo: Path) -> None:

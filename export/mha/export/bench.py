@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import gc
 import json
-import logging
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ from mha.export.bench_plot import (
     results_table,
     target_lines,
 )
+from mha.export.cli import require_export_extra
 
 Shape = tuple[int, int]
 SHAPES: tuple[Shape, ...] = ((1, 16), (1, 128), (8, 128), (1, 1024))
@@ -42,7 +42,6 @@ EXPORT_TARGETS = ("ort", "onnx", "none")
 PADDED_FRACTION = 0.25  # the last quarter of the keys of every sample is padding
 BLOCK = 5  # consecutive timed runs of one contestant before the next one takes its turn
 QUIET_WINDOWS, QUIET_WINDOW_SECONDS, SETTLE_MAX_SECONDS = 4, 0.005, 0.5  # see settle()
-NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,16 +423,7 @@ def measure(args: argparse.Namespace, say: Callable[[str], None]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Measure, print the table and the targets, write JSON and PNG. Exit 0 on MISS too."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import onnxruntime  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as err:
-        raise CliError(
-            f"`mha bench export` needs the export extra ({err.name} is missing): "
-            "pip install 'mha-serve[export]'"
-        ) from err
+    require_export_extra("mha bench export")
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -103,21 +103,31 @@ def options_from(args: argparse.Namespace):
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export, validate, write; print progress and the parity report."""
+def require_export_extra(command: str) -> None:
+    """Quiet the exporters' loggers; CliError when the export extra is not installed."""
     for name in NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        from mha.export import report
-        from mha.export.exporter import export_model
-        from mha.export.repository import has_model
-        from mha.export.validate import ExportValidationError
-        from mha.model.weights import WeightsError
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as err:
         raise CliError(
-            f"`mha export` needs the export extra ({err.name} is missing): "
+            f"`{command}` needs the export extra ({err.name} is missing): "
             "pip install 'mha-serve[export]'"
         ) from err
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, validate, write; print progress and the parity report."""
+    require_export_extra("mha export")
+    from mha.export import report
+    from mha.export.exporter import export_model
+    from mha.export.repository import has_model
+    from mha.export.validate import ExportValidationError
+    from mha.model.weights import WeightsError
+
     try:
         options = options_from(args)
     except ValueError as err:

@@ -60,28 +60,6 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def build_infer_request(
-    model: str,
-    inputs: Mapping[str, np.ndarray],
-    outputs: Sequence[str] = (),
-    *,
-    version: str = "",
-    request_id: str = "",
-    typed: bool = False,
-) -> pb.ModelInferRequest:
-    """A ModelInferRequest; typed contents only where every input's datatype has a field."""
-    if typed:
-        untyped = [n for n, a in inputs.items() if codec.datatype_of(a) not in codec.TYPED_FIELDS]
-        if untyped:
-            raise ValueError(
-                f"inputs {untyped} have no typed contents field in the protocol (FP16 travels "
-                "raw only); send them raw"
-            )
-    return codec.infer_request(
-        model, inputs, outputs, version=version, request_id=request_id, typed=typed
-    )
-
-
 def infer_result(response: pb.ModelInferResponse, latency_s: float) -> InferResult:
     """Decode a ModelInferResponse into arrays (copies, so they are writable)."""
     arrays = {name: np.array(a) for name, a in codec.response_arrays(response).items()}
@@ -158,7 +136,7 @@ class Client:
         typed: bool = False,
     ) -> InferResult:
         """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...)."""
-        request = build_infer_request(
+        request = codec.infer_request(
             model, inputs, outputs, version=version, request_id=request_id, typed=typed
         )
         start = time.perf_counter()
@@ -239,7 +217,7 @@ class AsyncClient:
         typed: bool = False,
     ) -> InferResult:
         """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...)."""
-        request = build_infer_request(
+        request = codec.infer_request(
             model, inputs, outputs, version=version, request_id=request_id, typed=typed
         )
         start = time.perf_counter()

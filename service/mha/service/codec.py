@@ -96,7 +96,14 @@ def infer_request(
     request_id: str = "",
     typed: bool = False,
 ) -> pb.ModelInferRequest:
-    """A ModelInferRequest with raw contents (or typed, where the datatype has a field)."""
+    """A ModelInferRequest with raw contents, or typed contents (ValueError for FP16)."""
+    if typed:
+        untyped = [n for n, a in inputs.items() if datatype_of(a) not in TYPED_FIELDS]
+        if untyped:
+            raise ValueError(
+                f"inputs {untyped} have no typed contents field in the protocol (FP16 travels "
+                "raw only); send them raw"
+            )
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=request_id)
     for name, array in inputs.items():
         header, raw = input_tensor(name, array)
