@@ -1,0 +1,166 @@
+"""The tensor contract of an exported model: names, roles, axes, datatypes, optionality.
+
+docs/architecture.md ("Tensor contract") is the prose of this table. Export writes graphs
+and mha.json from it; the server's validation, padding and data plane check requests
+against it; the client shapes inputs by it. Torch-free and numpy-free on purpose: every
+layer imports it.
+
+Axes: B, L (query length) and S (key length) are dynamic and independent; E (d_model),
+kdim, vdim and h (num_heads) are fixed by the model. In a self-attention export the key is
+the query, so S is L and key/value are not graph inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+QUERY = "query"
+KEY = "key"
+VALUE = "value"
+KEY_PADDING_MASK = "key_padding_mask"
+OUTPUT = "output"
+ATTENTION_WEIGHTS = "attention_weights"
+
+DYNAMIC_AXES = ("B", "L", "S")
+# fixed axis -> the model setting that sizes it (the name error messages use)
+FIXED_AXES = {"E": "d_model", "kdim": "kdim", "vdim": "vdim", "h": "num_heads"}
+FLOAT = "float"  # the model's datatype: FP32 or FP16
+BOOL = "BOOL"
+DEFAULT_OUTPUTS = (OUTPUT,)  # attention_weights only when a request asks for it
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One tensor of the contract: its name, axes in order, datatype kind, optionality."""
+
+    name: str
+    axes: tuple[str, ...]
+    datatype: str = FLOAT  # FLOAT = the model's datatype, else a fixed protocol datatype
+    optional: bool = False  # inputs only: a request may omit it
+
+    def sequence_axis(self, self_attention: bool) -> str | None:
+        """"L" or "S" for the axis that varies with a sequence (S is L in self-attention)."""
+        axis = next((a for a in self.axes[1:] if a in ("L", "S")), None)
+        return "L" if axis == "S" and self_attention else axis
+
+    def padded_axes(self, self_attention: bool) -> tuple[str | None, ...]:
+        """Per axis after the batch axis: "L", "S" or None (fixed)."""
+        return tuple(
+            ("L" if a == "S" and self_attention else a) if a in ("L", "S") else None
+            for a in self.axes[1:]
+        )
+
+
+QUERY_TENSOR = Tensor(QUERY, ("B", "L", "E"))
+KEY_TENSOR = Tensor(KEY, ("B", "S", "kdim"))
+VALUE_TENSOR = Tensor(VALUE, ("B", "S", "vdim"))
+# True = padding (ignored), torch.nn.MultiheadAttention's convention; omitted = none padded.
+MASK_TENSOR = Tensor(KEY_PADDING_MASK, ("B", "S"), BOOL, optional=True)
+OUTPUT_TENSOR = Tensor(OUTPUT, ("B", "L", "E"))
+WEIGHTS_TENSOR = Tensor(ATTENTION_WEIGHTS, ("B", "h", "L", "S"))
+
+TENSORS = {
+    t.name: t
+    for t in (QUERY_TENSOR, KEY_TENSOR, VALUE_TENSOR, MASK_TENSOR, OUTPUT_TENSOR, WEIGHTS_TENSOR)
+}
+KEY_SIDE = (KEY, VALUE, KEY_PADDING_MASK)  # inputs whose sequence axis is S
+
+
+def inputs(self_attention: bool) -> tuple[Tensor, ...]:
+    """Graph inputs in order: query[, key, value], key_padding_mask."""
+    if self_attention:
+        return (QUERY_TENSOR, MASK_TENSOR)
+    return (QUERY_TENSOR, KEY_TENSOR, VALUE_TENSOR, MASK_TENSOR)
+
+
+def outputs(attention_weights: bool) -> tuple[Tensor, ...]:
+    """Graph outputs in order: output[, attention_weights]."""
+    return (OUTPUT_TENSOR, WEIGHTS_TENSOR) if attention_weights else (OUTPUT_TENSOR,)
+
+
+def input_names(self_attention: bool) -> tuple[str, ...]:
+    return tuple(t.name for t in inputs(self_attention))
+
+
+def output_names(attention_weights: bool) -> tuple[str, ...]:
+    return tuple(t.name for t in outputs(attention_weights))
+
+
+def tensor(name: str) -> Tensor:
+    """The contract's tensor of this name; ValueError naming the known ones."""
+    try:
+        return TENSORS[name]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a tensor of the contract ({', '.join(TENSORS)})")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The fixed sizes of one model: E = d_model, kdim, vdim, h = num_heads."""
+
+    d_model: int
+    num_heads: int
+    kdim: int
+    vdim: int
+
+    def fixed(self, axis: str) -> int:
+        return int(getattr(self, FIXED_AXES[axis]))
+
+
+def symbolic_shape(t: Tensor, dims: Dims, self_attention: bool) -> list[str | int]:
+    """Fixed axes as sizes, dynamic ones by name (S becomes L in self-attention)."""
+    shape: list[str | int] = []
+    for axis in t.axes:
+        if axis in FIXED_AXES:
+            shape.append(dims.fixed(axis))
+        else:
+            shape.append("L" if axis == "S" and self_attention else axis)
+    return shape
+
+
+def declared_shape(t: Tensor, dims: Dims, self_attention: bool) -> list[int]:
+    """The shape mha.json and ModelMetadata declare: -1 for every dynamic axis."""
+    return [d if isinstance(d, int) else -1 for d in symbolic_shape(t, dims, self_attention)]
+
+
+def concrete_shape(
+    t: Tensor, dims: Dims, self_attention: bool, sizes: Mapping[str, int]
+) -> tuple[int, ...]:
+    """The shape for given B, L and S (S ignored in self-attention)."""
+    return tuple(
+        d if isinstance(d, int) else int(sizes[d])
+        for d in symbolic_shape(t, dims, self_attention)
+    )
+
+
+def datatype(t: Tensor, model_datatype: str) -> str:
+    """The protocol datatype of a tensor in a model of this datatype (FP32 or FP16)."""
+    return model_datatype if t.datatype == FLOAT else t.datatype
+
+
+def fixed_dim_name(name: str, axis: int) -> str:
+    """What a fixed axis of an input is called in messages ("d_model", "kdim", ...)."""
+    t = TENSORS.get(name)
+    if t is None or axis >= len(t.axes) or t.axes[axis] not in FIXED_AXES:
+        return f"dimension {axis}"
+    return FIXED_AXES[t.axes[axis]]
+
+
+def json_specs(
+    dims: Dims, self_attention: bool, attention_weights: bool, model_datatype: str
+) -> tuple[list[dict], list[dict]]:
+    """mha.json's "inputs" and "outputs": name, datatype, shape (-1 = dynamic), optional."""
+
+    def spec(t: Tensor) -> dict:
+        entry = {
+            "name": t.name,
+            "datatype": datatype(t, model_datatype),
+            "shape": declared_shape(t, dims, self_attention),
+        }
+        if t.optional:
+            entry["optional"] = True
+        return entry
+
+    ins = [spec(t) for t in inputs(self_attention)]
+    return ins, [spec(t) for t in outputs(attention_weights)]
