@@ -38,7 +38,7 @@ test: lint
 	$(VENV)/bin/pytest -q
 
 proto: $(STAMP)
-	$(PY) -m mha.service.protogen
+	$(PY) -m mha.service.grpc.protogen
 
 bench-export: $(STAMP)
 	$(MHA) bench export --out bench-out/export

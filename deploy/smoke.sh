@@ -65,10 +65,10 @@ main() {
     "$VENV/bin/python" deploy/smoke_check.py wait --target "127.0.0.1:$port" --timeout 180
 
     log "one inference"
-    if "$VENV/bin/python" -c 'import mha.service.cli_infer' 2> /dev/null; then
+    if "$VENV/bin/python" -c 'import mha.client.cli' 2> /dev/null; then
         "$VENV/bin/mha" infer --url "127.0.0.1:$port" --model mha --batch 2 --length 5
     else
-        echo "(mha infer is not on this tree yet: a grpc + mha.service.codec request instead)"
+        echo "(mha infer is not on this tree yet: a grpc + mha.service.grpc.codec request instead)"
         "$VENV/bin/python" deploy/smoke_check.py infer --target "127.0.0.1:$port" --model mha
     fi
     log "metrics"

@@ -3,7 +3,7 @@
 Used by deploy/smoke.sh. `wait` polls grpc.health.v1 until readiness is SERVING and prints
 every health service's status; `health` prints them once (during a drain); `metrics` fetches
 the Prometheus endpoint; `infer` sends one request without the `mha infer` command (for trees
-where it does not exist yet), built with mha.service.codec.
+where it does not exist yet), built with mha.service.grpc.codec.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import codec
+from mha.service.grpc import codec
 
 # The readiness names and the liveness name fixed in DEVELOPERS.md.
 HEALTH_SERVICES = ("", "inference.GRPCInferenceService", "liveness")

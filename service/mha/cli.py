@@ -11,27 +11,30 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# subcommand -> (module, help). Each module defines add_arguments(parser) and run(args) -> int.
+from mha.errors import CliError
+
+__all__ = ["SUBCOMMANDS", "CliError", "build_parser", "main"]
+
+# subcommand -> (module, help). Each module defines add_arguments(parser, argv) (argv = the
+# arguments after the subcommand's name, for subcommands with subcommands of their own) and
+# run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mha.export.cli", "export a model to ONNX with one fused attention node"),
-    "serve": ("mha.service.cli_serve", "serve a model repository over the Open Inference Protocol"),
-    "infer": ("mha.service.cli_infer", "send an inference request to an OIP gRPC server"),
-    "bench": ("mha.bench_cli", "benchmarks: `mha bench export`, `mha bench serve`"),
+    "serve": ("mha.service.cli", "serve a model repository over the Open Inference Protocol"),
+    "infer": ("mha.client.cli", "send an inference request to an OIP gRPC server"),
+    "bench": ("mha.bench.cli", "benchmarks: `mha bench export`, `mha bench serve`"),
 }
 
 
-class CliError(Exception):
-    """An error for a person: printed as one line, exit status 2, no traceback."""
-
-
-def build_parser(command: str | None) -> argparse.ArgumentParser:
+def build_parser(command: str | None, argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """Build the top-level parser; only `command`'s module is imported to fill in its flags."""
     parser = argparse.ArgumentParser(prog="mha", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module_name).add_arguments(sub_parser)
+            rest = list(argv[list(argv).index(name) + 1 :]) if name in argv else []
+            importlib.import_module(module_name).add_arguments(sub_parser, rest)
     return parser
 
 
@@ -39,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `mha` command line; return the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in SUBCOMMANDS else None)
+    parser = build_parser(command if command in SUBCOMMANDS else None, argv)
     args = parser.parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     try:

@@ -40,7 +40,7 @@ class Tensor:
     optional: bool = False  # inputs only: a request may omit it
 
     def sequence_axis(self, self_attention: bool) -> str | None:
-        """"L" or "S" for the axis that varies with a sequence (S is L in self-attention)."""
+        """ "L" or "S" for the axis that varies with a sequence (S is L in self-attention)."""
         axis = next((a for a in self.axes[1:] if a in ("L", "S")), None)
         return "L" if axis == "S" and self_attention else axis
 
@@ -92,7 +92,9 @@ def tensor(name: str) -> Tensor:
     try:
         return TENSORS[name]
     except KeyError:
-        raise ValueError(f"{name!r} is not a tensor of the contract ({', '.join(TENSORS)})")
+        raise ValueError(
+            f"{name!r} is not a tensor of the contract ({', '.join(TENSORS)})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,7 @@ def concrete_shape(
 ) -> tuple[int, ...]:
     """The shape for given B, L and S (S ignored in self-attention)."""
     return tuple(
-        d if isinstance(d, int) else int(sizes[d])
-        for d in symbolic_shape(t, dims, self_attention)
+        d if isinstance(d, int) else int(sizes[d]) for d in symbolic_shape(t, dims, self_attention)
     )
 
 

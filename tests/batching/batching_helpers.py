@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from mha.service.scheduling import InferenceJob
+from mha.service.core.scheduling import InferenceJob
 
 # Model kinds the batching tests serve: ExportOptions fields (ort target, as served by
 # default). Same fields as tests/export/test_parity.py uses, so a full run exports once.

@@ -10,9 +10,9 @@ from batching_helpers import CountingRunner, make_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mha.service.batching import BatchingOptions, BatchingScheduler
-from mha.service.metrics import Metrics
-from mha.service.padding import POLICIES, Shape, merge, padding_fraction, select
+from mha.service.core.batching import BatchingOptions, BatchingScheduler
+from mha.service.core.metrics import Metrics
+from mha.service.core.padding import POLICIES, Shape, merge, padding_fraction, select
 
 shapes_st = st.lists(
     st.builds(Shape, st.integers(1, 4), st.integers(1, 300), st.integers(1, 300)),

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from mha.export.options import RTOL, TOLERANCE
-from mha.service.batching import BatchingOptions, BatchingScheduler
-from mha.service.padding import POLICIES
-from mha.service.scheduling import InferenceJob
+from mha.service.core.batching import BatchingOptions, BatchingScheduler
+from mha.service.core.padding import POLICIES
+from mha.service.core.scheduling import InferenceJob
 
 
 def tolerance(model: Model) -> dict[str, float]:

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from batching_helpers import CountingRunner, Model, make_job
 
-from mha.service.batching import BatchingOptions, BatchingScheduler
-from mha.service.errors import DeadlineExceeded, QueueFull, Unavailable
-from mha.service.metrics import Metrics
-from mha.service.scheduling import InferenceJob
+from mha.service.core.batching import BatchingOptions, BatchingScheduler
+from mha.service.core.errors import DeadlineExceeded, QueueFull, Unavailable
+from mha.service.core.metrics import Metrics
+from mha.service.core.scheduling import InferenceJob
 
 LABELS = ("m", "1")
 

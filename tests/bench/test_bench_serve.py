@@ -51,7 +51,7 @@ def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path
 
 
 def test_open_loop_against_an_external_server(bench_repo: Path, tmp_path: Path) -> None:
-    from mha.service.bench_server import start_server
+    from mha.bench.servers import start_server
 
     server = start_server(bench_repo, "off", threads=1, extra=[], log_dir=tmp_path)
     try:

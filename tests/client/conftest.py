@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mha.service.server import Server
-from mha.service.settings import Settings
+from mha.service.core.settings import Settings
+from mha.service.grpc.server import Server
 
 # Model name in the test repository -> ExportOptions fields (d_model 64, 4 heads). The same
 # fields as other test folders use, so the session's export cache builds each one once.

@@ -10,8 +10,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mha.service import codec
-from mha.service.client import AsyncClient, Client, ClientError
+from mha.client.sync import AsyncClient, Client, ClientError
+from mha.service.grpc import codec
 
 
 def inputs_for(model: str, batch: int = 2, length: int = 5, source: int = 7, seed: int = 0):

@@ -14,7 +14,7 @@ import pytest
 from deploy_helpers import DEPLOY, ROOT, tool
 from packaging.requirements import Requirement
 
-from mha.service import settings
+from mha.service.core import settings
 
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile*"))
 SERVING = {"Dockerfile": "cpu", "Dockerfile.cuda": "gpu"}  # file -> the extra it installs

@@ -7,7 +7,7 @@ import pytest
 import yaml
 from deploy_helpers import K8S
 
-from mha.service import settings
+from mha.service.core import settings
 
 # The one kind allowed outside the Kubernetes schemas: KServe's CRD.
 ALLOWED_CRDS = {("serving.kserve.io/v1beta1", "InferenceService")}

@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 from deploy_helpers import OVERLAYS, config, one, pod_spec, server
 
-from mha.service import settings
+from mha.service.core import settings
 
 # The oldest Kubernetes the manifests support (native gRPC probes are GA there) and the newest
 # schema kubernetes-validate ships: a removed apiVersion fails the newest, a new field the oldest.

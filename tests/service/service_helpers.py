@@ -17,9 +17,9 @@ import grpc
 import numpy as np
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service.scheduling import Runner
-from mha.service.server import Server
-from mha.service.settings import Settings
+from mha.service.core.scheduling import Runner
+from mha.service.core.settings import Settings
+from mha.service.grpc.server import Server
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ import pytest
 from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import codec
+from mha.service.grpc import codec
 
 CLIENTS = 32
 REQUESTS_EACH = 4

@@ -12,8 +12,8 @@ import pytest
 from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
-from mha.service.errors import INTERNAL_MESSAGE
+from mha.service.core.errors import INTERNAL_MESSAGE
+from mha.service.grpc import codec
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -277,7 +277,7 @@ def test_unexpected_error_is_internal_with_a_fixed_message(repository: Path, cap
         inputs["query"][0, 0, 0] = 42.0
         request = codec.infer_request("self", inputs, request_id="boom-1")
         with (
-            caplog.at_level(logging.ERROR, logger="mha.service.servicer"),
+            caplog.at_level(logging.ERROR, logger="mha.service.grpc.servicer"),
             pytest.raises(grpc.RpcError) as caught,
         ):
             server.stub.ModelInfer(request)

@@ -18,7 +18,7 @@ from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import codec
+from mha.service.grpc import codec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -145,7 +145,8 @@ def test_serving_process_never_imports_torch(repository: Path):
 import asyncio, sys
 from mha.cli import main, build_parser
 build_parser("serve")
-from mha.service import codec, server, settings
+from mha.service.grpc import codec, server
+from mha.service.core import settings
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 import grpc, numpy as np
 

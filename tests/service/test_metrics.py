@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
+from mha.service.grpc import codec
 
 SUCCESSES = {"self": 9, "cross": 5}
 BAD_SHAPES = 3  # invalid_argument on "self"

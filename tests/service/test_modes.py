@@ -15,9 +15,10 @@ from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.model import AttentionConfig, seeded_model
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec, logs
-from mha.service.model_repository import scan
-from mha.service.runtime import SessionRunner
+from mha.service.core import logs
+from mha.service.core.repository import scan
+from mha.service.core.runtime import SessionRunner
+from mha.service.grpc import codec
 
 
 def test_no_compute_answers_zeros_of_the_right_shapes(repository: Path):

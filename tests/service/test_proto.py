@@ -8,7 +8,7 @@ import sys
 
 def test_generated_code_has_not_drifted():
     done = subprocess.run(
-        [sys.executable, "-m", "mha.service.protogen", "--check"],
+        [sys.executable, "-m", "mha.service.grpc.protogen", "--check"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -19,7 +19,7 @@ def test_tritonclient_and_mha_proto_load_in_one_process():
     code = (
         "import tritonclient.grpc, tritonclient.grpc.service_pb2 as t\n"
         "from mha.proto import grpc_predict_v2_pb2 as pb\n"
-        "from mha.service.client import Client\n"
+        "from mha.client.sync import Client\n"
         "wire = pb.ModelInferRequest(model_name='m', id='x').SerializeToString()\n"
         "print(t.ModelInferRequest.FromString(wire).id)\n"
     )

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mha.service.errors import NotFound, StartupError
-from mha.service.model_repository import scan
-from mha.service.runtime import ModelTable
+from mha.service.core.errors import NotFound, StartupError
+from mha.service.core.repository import scan
+from mha.service.core.runtime import ModelTable
 
 
 def copy_model(source: Path, repo: Path, name: str, version: str) -> Path:

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_helpers import RunningServer, random_inputs, settings_for
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
+from mha.service.grpc import codec
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mha.service import devices
-from mha.service.errors import StartupError
-from mha.service.settings import SPECS, Settings, add_arguments, from_sources
+from mha.service.core import devices
+from mha.service.core.errors import StartupError
+from mha.service.core.settings import SPECS, Settings, add_arguments, from_sources
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -122,7 +122,7 @@ def test_no_compute_is_a_plain_switch():
 
 
 def test_grpc_options_carry_limits_and_connection_age():
-    from mha.service.server import grpc_options
+    from mha.service.grpc.server import grpc_options
 
     options = dict(grpc_options(Settings(max_message_bytes=1000)))
     assert options["grpc.max_receive_message_length"] == 1000
@@ -136,7 +136,7 @@ def test_grpc_options_carry_limits_and_connection_age():
 
 
 def test_padding_cap_defaults_by_device():
-    from mha.service.server import padding_for
+    from mha.service.grpc.server import padding_for
 
     assert padding_for("CPUExecutionProvider") == 0.0  # padding is pure loss on CPU
     assert padding_for("CUDAExecutionProvider") == 0.25

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from service_helpers import RunningServer, random_inputs
 
-from mha.service import codec
+from mha.service.grpc import codec
 
 CLIENT = """
 import json, sys

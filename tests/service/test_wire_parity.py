@@ -10,7 +10,7 @@ from service_helpers import MODELS, RunningServer, random_inputs
 from mha.export.options import RTOL, TOLERANCE
 from mha.export.validate import reference_module
 from mha.model import AttentionConfig, seeded_model
-from mha.service import codec
+from mha.service.grpc import codec
 
 ATOL_FP32 = 1e-5  # the export's proven fp32 parity
 

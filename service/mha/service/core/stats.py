@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service.metrics import Metrics
+from mha.service.core.metrics import Metrics
 
 
 @dataclass

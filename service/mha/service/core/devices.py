@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mha.service.errors import StartupError
+from mha.service.core.errors import StartupError
 
 log = logging.getLogger(__name__)
 

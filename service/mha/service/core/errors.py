@@ -1,6 +1,6 @@
 """One exception hierarchy for everything the server refuses; each class carries its status.
 
-The servicer maps these to gRPC status codes in one place (mha.service.servicer). Messages
+The servicer maps these to gRPC status codes in one place (mha.service.grpc.servicer). Messages
 go to the client verbatim, so they must name the tensor and the expected vs received value
 and never carry internals; anything that is not a ServiceError becomes INTERNAL with a
 fixed message, details only in the server log.

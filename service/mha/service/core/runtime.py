@@ -1,6 +1,6 @@
 """ONNX Runtime sessions: create one per model version, warm it up, run it.
 
-A runner (mha.service.scheduling.Runner) is the only thing schedulers see: feeds by
+A runner (mha.service.core.scheduling.Runner) is the only thing schedulers see: feeds by
 input name -> outputs by name. It blocks, so schedulers call it from a thread pool; one
 InferenceSession allows concurrent run() calls, so a runner is thread-safe as is.
 """
@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from mha.service import devices
-from mha.service.codec import DTYPES
-from mha.service.errors import NotFound, StartupError, Unavailable
-from mha.service.model_repository import ModelSpec
-from mha.service.scheduling import Runner, Scheduler
-from mha.service.validation import Limits
+from mha.service.core import devices
+from mha.service.core.errors import NotFound, StartupError, Unavailable
+from mha.service.core.repository import ModelSpec
+from mha.service.core.scheduling import Runner, Scheduler
+from mha.service.core.validation import Limits
+from mha.service.grpc.codec import DTYPES
 
 log = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mha.client.inputs import Sizes, random_inputs
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
-from mha.service.infer_inputs import Sizes, random_inputs
+from mha.service.grpc import codec
 
 SERVER_CONFIGS = ("on", "off", "floor")  # the project's server, started by the bench
 CONFIGS = (*SERVER_CONFIGS, "inprocess", "external")

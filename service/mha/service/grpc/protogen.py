@@ -1,6 +1,6 @@
 """Generate mha.proto (Python protobuf + gRPC code) from proto/, or check it for drift.
 
-`python -m mha.service.protogen` writes service/mha/proto/; `--check` exits 1 when the
+`python -m mha.service.grpc.protogen` writes service/mha/proto/; `--check` exits 1 when the
 committed files differ from what proto/ generates now. Needs grpcio-tools (the dev extra).
 """
 
@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[4]
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "service" / "mha" / "proto"
 PROTOS = ("grpc_predict_v2.proto",)

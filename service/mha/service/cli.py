@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Sequence
 
-from mha.service import settings as settings_module
+from mha.service.core import settings as settings_module
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     """Add the server's flags (each also read from its MHA_* variable)."""
     settings_module.add_arguments(parser)
 
@@ -18,8 +19,9 @@ def run(args: argparse.Namespace) -> int:
     """Build the settings, configure logs, serve until SIGTERM/SIGINT; return 0."""
     # Imported here, not at the top: `mha serve --help` should not pay for ONNX Runtime.
     from mha.cli import CliError
-    from mha.service import logs, server
-    from mha.service.errors import StartupError
+    from mha.service.core import logs
+    from mha.service.core.errors import StartupError
+    from mha.service.grpc import server
 
     try:
         settings = settings_module.from_sources(args, os.environ)

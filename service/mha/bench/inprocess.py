@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mha.service.loadgen import LoadResult
+from mha.bench.loadgen import LoadResult
 
 MASK = "key_padding_mask"
 
@@ -27,7 +27,7 @@ def make_session(model_file: Path, threads: int | None) -> Any:
     server's default."""
     import onnxruntime as ort
 
-    from mha.service import devices, runtime
+    from mha.service.core import devices, runtime
 
     options = runtime.session_options(threads or devices.default_threads(), spinning=True)
     return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])

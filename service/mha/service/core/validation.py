@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
-from mha.service.errors import InvalidArgument, ResourceExhausted
-from mha.service.model_repository import ModelSpec, TensorSpec
+from mha.service.core.errors import InvalidArgument, ResourceExhausted
+from mha.service.core.repository import ModelSpec, TensorSpec
+from mha.service.grpc import codec
 
 MASK = "key_padding_mask"
 DEFAULT_OUTPUTS = ("output",)  # attention_weights only when the request asks for it

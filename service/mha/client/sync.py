@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import codec
+from mha.service.grpc import codec
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
 

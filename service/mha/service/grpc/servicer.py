@@ -20,11 +20,12 @@ import grpc
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import codec, logs, validation
-from mha.service.errors import INTERNAL_MESSAGE, ServiceError, Unavailable
-from mha.service.runtime import ModelTable, ServedModel
-from mha.service.scheduling import InferenceJob
-from mha.service.stats import StatsMetrics
+from mha.service.core import logs, validation
+from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError, Unavailable
+from mha.service.core.runtime import ModelTable, ServedModel
+from mha.service.core.scheduling import InferenceJob
+from mha.service.core.stats import StatsMetrics
+from mha.service.grpc import codec
 
 log = logging.getLogger(__name__)
 

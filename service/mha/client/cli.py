@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from mha.cli import CliError
-from mha.service import codec
-from mha.service.client import DEFAULT_MAX_MESSAGE_BYTES, Client, ClientError, InferResult
-from mha.service.compare import CompareError, OutputDiff, compare
-from mha.service.infer_inputs import InputError, Sizes, build_inputs, load_arrays, output_names
-from mha.service.plot import PlotUnavailable, attention_heatmaps
+from mha.client.compare import CompareError, OutputDiff, compare
+from mha.client.inputs import InputError, Sizes, build_inputs, load_arrays, output_names
+from mha.client.plot import PlotUnavailable, attention_heatmaps
+from mha.client.sync import DEFAULT_MAX_MESSAGE_BYTES, Client, ClientError, InferResult
+from mha.service.grpc import codec
 
 WEIGHTS = "attention_weights"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     target = parser.add_argument_group("server")
     target.add_argument(
         "--url",

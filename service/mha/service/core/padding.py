@@ -36,7 +36,7 @@ _OUTPUT_AXES: dict[str, tuple[str | None, ...]] = {
     "attention_weights": (None, "L", "S"),  # (B, h, L, S)
 }
 
-# Policy names; mha.service.batching's docstring has what each does and its trade-off.
+# Policy names; mha.service.core.batching's docstring has what each does and its trade-off.
 POLICIES = ("bucket", "cap", "fifo")
 
 

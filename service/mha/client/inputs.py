@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service import codec
+from mha.service.grpc import codec
 
 MASK = "key_padding_mask"
 KEY_SIDE = ("key", "value")  # inputs whose sequence axis is S, not L

@@ -27,13 +27,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service import devices, model_repository, runtime
-from mha.service.errors import StartupError
-from mha.service.scheduling import DirectScheduler, Runner, Scheduler
-from mha.service.servicer import InferenceServicer
-from mha.service.settings import Settings
-from mha.service.stats import Statistics, StatsMetrics
-from mha.service.validation import Limits
+from mha.service.core import devices, runtime
+from mha.service.core import repository as model_repository
+from mha.service.core.errors import StartupError
+from mha.service.core.scheduling import DirectScheduler, Runner, Scheduler
+from mha.service.core.settings import Settings
+from mha.service.core.stats import Statistics, StatsMetrics
+from mha.service.core.validation import Limits
+from mha.service.grpc.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +155,12 @@ class Server:
         labels = (spec.name, str(spec.version))
         if self.settings.batching:
             try:
-                batching = importlib.import_module("mha.service.batching")
+                batching = importlib.import_module("mha.service.core.batching")
             except ModuleNotFoundError as err:
-                if err.name != "mha.service.batching":
+                if err.name != "mha.service.core.batching":
                     raise
                 log.warning(
-                    "batching is on but mha.service.batching is missing; serving %s/%d "
+                    "batching is on but mha.service.core.batching is missing; serving %s/%d "
                     "without batching", spec.name, spec.version,
                 )  # fmt: skip
             else:

@@ -21,9 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mha.cli import CliError
-from mha.service import bench_report as report
-from mha.service.bench_plan import (
+from mha.bench import report as report
+from mha.bench.plan import (
     CONFIGS,
     PRESETS,
     SERVER_CONFIGS,
@@ -35,9 +34,10 @@ from mha.service.bench_plan import (
     plan,
     read_config,
 )
-from mha.service.bench_run import Runner
-from mha.service.bench_server import ServerFailed, mha_command
-from mha.service.client import Client, ClientError
+from mha.bench.run import Runner
+from mha.bench.servers import ServerFailed, mha_command
+from mha.cli import CliError
+from mha.client.sync import Client, ClientError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -256,7 +256,7 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
 
 def write_plot(document: dict[str, Any], path: Path) -> None:
     """Latency vs throughput per workload; in-process runs that merged requests left out."""
-    from mha.service.plot import PlotUnavailable, latency_throughput
+    from mha.client.plot import PlotUnavailable, latency_throughput
 
     panels: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
     ordered = sorted(document["points"], key=lambda p: (p["rate"], p["concurrency"]))

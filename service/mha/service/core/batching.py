@@ -3,7 +3,7 @@
 One BatchingScheduler serves one model version. submit() puts the job in a bounded queue
 and awaits its answer; a background task (started by the first submit) forms a batch from
 the oldest job plus compatible company that arrives within max_queue_delay_us, merges it
-(mha.service.padding: right padding + key_padding_mask), runs the Runner once in the
+(mha.service.core.padding: right padding + key_padding_mask), runs the Runner once in the
 executor, and hands each job exactly its own rows.
 
 Policies (BatchingOptions.policy) decide who shares a run with the oldest queued job; the
@@ -54,10 +54,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mha.service import padding
-from mha.service.errors import DeadlineExceeded, QueueFull, Unavailable
-from mha.service.metrics import Metrics
-from mha.service.scheduling import InferenceJob, JobResult, Runner
+from mha.service.core import padding
+from mha.service.core.errors import DeadlineExceeded, QueueFull, Unavailable
+from mha.service.core.metrics import Metrics
+from mha.service.core.scheduling import InferenceJob, JobResult, Runner
 
 log = logging.getLogger(__name__)
 

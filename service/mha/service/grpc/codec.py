@@ -3,7 +3,7 @@
 Only what mha models use travels: FP32, FP16 (raw only: the protocol has no typed field
 for it) and BOOL (1 byte per element). Raw contents are flattened row-major bytes,
 little-endian, no padding. Request validation (names, ranks, limits) lives in
-mha.service.validation; this module only converts.
+mha.service.core.validation; this module only converts.
 """
 
 from __future__ import annotations

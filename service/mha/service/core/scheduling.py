@@ -3,7 +3,7 @@
 The servicer decodes and validates a request into an InferenceJob (numpy arrays in the
 model's dtype, limits already checked) and awaits `scheduler.submit(job)`. A scheduler runs
 jobs through a blocking `Runner` (ONNX Runtime's session.run behind a small wrapper) off the
-event loop. DirectScheduler runs each job alone; mha.service.batching.BatchingScheduler
+event loop. DirectScheduler runs each job alone; mha.service.core.batching.BatchingScheduler
 merges compatible jobs into one run. Both honour deadlines and cancellation.
 """
 
@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from mha.service.errors import DeadlineExceeded
-from mha.service.metrics import Metrics
+from mha.service.core.errors import DeadlineExceeded
+from mha.service.core.metrics import Metrics
 
 # Blocking: feeds by graph input name -> outputs by name, in the order asked. Thread-safe
 # (ONNX Runtime allows concurrent run() calls on one session).
