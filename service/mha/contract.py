@@ -2,8 +2,8 @@
 
 docs/architecture.md ("Tensor contract") is the prose of this table. Export writes graphs
 and mha.json from it; the server's validation, padding and data plane check requests
-against it; the client shapes inputs by it. Torch-free and numpy-free on purpose: every
-layer imports it.
+against it; the client shapes inputs by it. Torch-free on purpose (numpy only, for the
+datatypes): every layer imports it.
 
 Axes: B, L (query length) and S (key length) are dynamic and independent; E (d_model),
 kdim, vdim and h (num_heads) are fixed by the model. In a self-attention export the key is
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 QUERY = "query"
 KEY = "key"
@@ -28,6 +30,28 @@ FIXED_AXES = {"E": "d_model", "kdim": "kdim", "vdim": "vdim", "h": "num_heads"}
 FLOAT = "float"  # the model's datatype: FP32 or FP16
 BOOL = "BOOL"
 DEFAULT_OUTPUTS = (OUTPUT,)  # attention_weights only when a request asks for it
+
+# The datatypes mha models use -> numpy dtype (little-endian, as the protocol's raw bytes are;
+# BOOL is one byte per element).
+DTYPES: dict[str, np.dtype] = {
+    "FP32": np.dtype("<f4"),
+    "FP16": np.dtype("<f2"),
+    "BOOL": np.dtype("?"),
+}
+# Every datatype the Open Inference Protocol names, so "unknown" and "not this model's" read
+# differently in errors.
+PROTOCOL_DATATYPES = frozenset(
+    ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+     "FP16", "FP32", "FP64", "BF16", "BYTES"]
+)  # fmt: skip
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The protocol's datatype string of a numpy array's dtype (ValueError if mha has none)."""
+    for name, dtype in DTYPES.items():
+        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
+            return name
+    raise ValueError(f"dtype {array.dtype} has no Open Inference Protocol datatype used by mha")
 
 
 @dataclass(frozen=True)
@@ -154,7 +178,7 @@ def json_specs(
     """mha.json's "inputs" and "outputs": name, datatype, shape (-1 = dynamic), optional."""
 
     def spec(t: Tensor) -> dict:
-        entry = {
+        entry: dict[str, object] = {
             "name": t.name,
             "datatype": datatype(t, model_datatype),
             "shape": declared_shape(t, dims, self_attention),

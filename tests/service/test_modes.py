@@ -65,7 +65,7 @@ def test_cuda_serving_matches_eager_through_io_binding(repository: Path):
     """On a GPU: CUDA provider in use, IO binding runner, fp32 parity (TF32 off) at 1e-5."""
     server = RunningServer(settings_for(repository, device="cuda")).load()
     try:
-        served = server.server.table.get("cross")
+        served = server.server.plane.table.get("cross")
         assert served.loaded.provider == "CUDAExecutionProvider"
         assert served.loaded.runner.io_binding  # type: ignore[attr-defined]
         metadata = server.stub.ServerMetadata(pb.ServerMetadataRequest())

@@ -10,7 +10,7 @@ import pytest
 
 from mha.service.core.errors import NotFound, StartupError
 from mha.service.core.repository import scan
-from mha.service.core.runtime import ModelTable
+from mha.service.core.models import ModelTable
 
 
 def copy_model(source: Path, repo: Path, name: str, version: str) -> Path:

@@ -136,7 +136,7 @@ def test_grpc_options_carry_limits_and_connection_age():
 
 
 def test_padding_cap_defaults_by_device():
-    from mha.service.grpc.server import padding_for
+    from mha.service.core.models import padding_for
 
     assert padding_for("CPUExecutionProvider") == 0.0  # padding is pure loss on CPU
     assert padding_for("CUDAExecutionProvider") == 0.25

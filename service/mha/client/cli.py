@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mha.cli import CliError
+from mha import contract
 from mha.client.compare import CompareError, OutputDiff, compare
 from mha.client.inputs import InputError, Sizes, build_inputs, load_arrays, output_names
 from mha.client.plot import PlotUnavailable, attention_heatmaps
 from mha.client.sync import DEFAULT_MAX_MESSAGE_BYTES, Client, ClientError, InferResult
-from mha.service.grpc import codec
+from mha.errors import CliError
 
 WEIGHTS = "attention_weights"
 
@@ -84,16 +84,14 @@ def describe(name: str, array: np.ndarray) -> str:
             f"mean {finite.mean():+.4g}  std {finite.std():.4g}  "
             f"min {finite.min():+.4g}  max {finite.max():+.4g}"
         )
-    return (
-        f"  {name:<18} {codec.datatype_of(array):<4} {list(array.shape)!s:<16} {stats}  NaN {nans}"
-    )
+    return f"  {name:<18} {contract.datatype_of(array):<4} {list(array.shape)!s:<16} {stats}  NaN {nans}"
 
 
 def print_result(args: argparse.Namespace, inputs: Mapping[str, np.ndarray], result: InferResult):
     print(f"model {result.model_name} version {result.model_version} id {result.id!r} ({args.url})")
     print("inputs:")
     for name, array in inputs.items():
-        print(f"  {name:<18} {codec.datatype_of(array):<4} {list(array.shape)}")
+        print(f"  {name:<18} {contract.datatype_of(array):<4} {list(array.shape)}")
     print("outputs:")
     for name, array in result.outputs.items():
         print(describe(name, array))

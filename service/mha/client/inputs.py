@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mha import contract
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.service.grpc import codec
 
 MASK = "key_padding_mask"
 KEY_SIDE = ("key", "value")  # inputs whose sequence axis is S, not L
@@ -126,11 +126,11 @@ def build_inputs(
 
 def _dtype(tensor: pb.ModelMetadataResponse.TensorMetadata) -> np.dtype:
     try:
-        return codec.DTYPES[tensor.datatype]
+        return contract.DTYPES[tensor.datatype]
     except KeyError:
         raise InputError(
             f"input {tensor.name!r} has datatype {tensor.datatype}; mha infer sends "
-            f"{', '.join(codec.DTYPES)}"
+            f"{', '.join(contract.DTYPES)}"
         ) from None
 
 

@@ -1,20 +1,35 @@
 """One exception hierarchy for everything the server refuses; each class carries its status.
 
-The servicer maps these to gRPC status codes in one place (mha.service.grpc.servicer). Messages
-go to the client verbatim, so they must name the tensor and the expected vs received value
-and never carry internals; anything that is not a ServiceError becomes INTERNAL with a
-fixed message, details only in the server log.
+Status names are the gRPC ones (docs/architecture.md, "Status codes"), but this module
+imports no transport: the gRPC layer maps a Status to grpc.StatusCode by name in one place
+(mha.service.grpc.servicer). Messages go to the client verbatim, so they must name the
+tensor and the expected vs received value and never carry internals; anything that is not
+a ServiceError becomes INTERNAL with a fixed message, details only in the server log.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Status(enum.Enum):
+    """The outcome classes a client sees; names equal grpc.StatusCode member names."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    OUT_OF_RANGE = "out_of_range"
+    UNAUTHENTICATED = "unauthenticated"
+    INTERNAL = "internal"
 
 
 class ServiceError(Exception):
-    """A refusal the client is told about: status code + message."""
+    """A refusal the client is told about: status + message."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Status = Status.INTERNAL
     reason: str = "error"  # label for metrics ("outcome" of a request)
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
@@ -25,19 +40,19 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Status.INVALID_ARGUMENT
     reason = "invalid_argument"
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Status.NOT_FOUND
     reason = "not_found"
 
 
 class Unavailable(ServiceError):
     """Not ready, draining, or queue full."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Status.UNAVAILABLE
     reason = "unavailable"
 
 
@@ -46,17 +61,17 @@ class QueueFull(Unavailable):
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Status.RESOURCE_EXHAUSTED
     reason = "resource_exhausted"
 
 
 class DeadlineExceeded(ServiceError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = Status.DEADLINE_EXCEEDED
     reason = "deadline_exceeded"
 
 
 class Cancelled(ServiceError):
-    code = grpc.StatusCode.CANCELLED
+    code = Status.CANCELLED
     reason = "cancelled"
 
 

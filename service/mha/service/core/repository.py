@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mha import contract
 from mha.service.core.errors import StartupError
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,20 @@ class ModelSpec:
     @property
     def model_file(self) -> Path:
         return self.path / MODEL_FILE
+
+    @property
+    def dims(self) -> contract.Dims:
+        """E, kdim, vdim, h of this model (the contract's fixed axes)."""
+        return contract.Dims(
+            d_model=self.d_model,
+            num_heads=self.num_heads,
+            kdim=int(self.config.get("kdim", self.d_model)),
+            vdim=int(self.config.get("vdim", self.d_model)),
+        )
+
+    def shape_of(self, name: str, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        """The concrete shape of a contract tensor of this model for B, L and S."""
+        return contract.concrete_shape(contract.tensor(name), self.dims, self.self_attention, sizes)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from mha import contract
 from mha.service.core import devices
-from mha.service.core.errors import NotFound, StartupError, Unavailable
+from mha.service.core.errors import StartupError
 from mha.service.core.repository import ModelSpec
-from mha.service.core.scheduling import Runner, Scheduler
-from mha.service.core.validation import Limits
-from mha.service.grpc.codec import DTYPES
+from mha.service.core.scheduling import Runner
 
 log = logging.getLogger(__name__)
 
@@ -108,30 +107,28 @@ class ZeroRunner:
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
-        self.dtype = DTYPES[spec.dtype]
+        self.dtype = contract.DTYPES[spec.dtype]
 
     def __call__(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]
     ) -> dict[str, np.ndarray]:
-        B, L, _ = feeds["query"].shape  # paper names
-        S = feeds["key_padding_mask"].shape[1]
-        shapes = {
-            "output": (B, L, self.spec.d_model),
-            "attention_weights": (B, self.spec.num_heads, L, S),
-        }
-        return {name: np.zeros(shapes[name], self.dtype) for name in outputs}
+        B, L, _ = feeds[contract.QUERY].shape  # paper names
+        S = feeds[contract.KEY_PADDING_MASK].shape[1]
+        sizes = {"B": B, "L": L, "S": S}
+        return {name: np.zeros(self.spec.shape_of(name, sizes), self.dtype) for name in outputs}
 
 
 def warmup_feeds(spec: ModelSpec, length: int = WARMUP_LENGTH) -> dict[str, np.ndarray]:
     """Small random inputs for every graph input (B=1, L=S=length)."""
     rng = np.random.default_rng(0)
+    sizes = {"B": 1, "L": length, "S": length}
     feeds: dict[str, np.ndarray] = {}
     for tensor in spec.inputs:
+        shape = spec.shape_of(tensor.name, sizes)
         if tensor.datatype == "BOOL":
-            feeds[tensor.name] = np.zeros((1, length), dtype=bool)
+            feeds[tensor.name] = np.zeros(shape, dtype=bool)
         else:
-            shape = (1, length, tensor.shape[-1])
-            feeds[tensor.name] = rng.standard_normal(shape).astype(DTYPES[tensor.datatype])
+            feeds[tensor.name] = rng.standard_normal(shape).astype(contract.DTYPES[tensor.datatype])
     return feeds
 
 
@@ -169,58 +166,3 @@ def load(
         " [no-compute: answers are zeros]" if no_compute else "",
     )  # fmt: skip
     return LoadedModel(spec=spec, provider=provider, runner=runner, load_seconds=seconds)
-
-
-@dataclass
-class ServedModel:
-    """A loaded model version with its scheduler and request limits."""
-
-    loaded: LoadedModel
-    scheduler: Scheduler
-    limits: Limits
-
-    @property
-    def spec(self) -> ModelSpec:
-        return self.loaded.spec
-
-
-class ModelTable:
-    """Every model version on disk, and the ones loaded so far (the servicer's lookup)."""
-
-    def __init__(self, specs: dict[str, dict[int, ModelSpec]]) -> None:
-        self.specs = specs
-        self.served: dict[tuple[str, int], ServedModel] = {}
-
-    def resolve(self, name: str, version: str = "") -> ModelSpec:
-        """The spec of name/version (latest when version is empty); NotFound otherwise."""
-        versions = self.specs.get(name)
-        if versions is None:
-            raise NotFound(
-                f"model {name!r} not found; this server has: {', '.join(sorted(self.specs))}"
-            )
-        if not version:
-            return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
-            raise NotFound(
-                f"model {name!r} has no version {version!r}; versions: "
-                f"{', '.join(str(v) for v in sorted(versions))}"
-            )
-        return versions[int(version)]
-
-    def get(self, name: str, version: str = "") -> ServedModel:
-        """The served model version; NotFound if unknown, Unavailable if not loaded yet."""
-        spec = self.resolve(name, version)
-        served = self.served.get((spec.name, spec.version))
-        if served is None:
-            raise Unavailable(f"model {name!r} version {spec.version} is not ready (loading)")
-        return served
-
-    def all_specs(self) -> list[ModelSpec]:
-        return [spec for versions in self.specs.values() for spec in versions.values()]
-
-    @property
-    def all_ready(self) -> bool:
-        return len(self.served) == len(self.all_specs())
-
-    def providers(self) -> list[str]:
-        return sorted({s.loaded.provider for s in self.served.values()})

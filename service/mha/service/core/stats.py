@@ -1,6 +1,7 @@
 """ModelStatistics accumulators (Triton's semantics) fed from the same events as Prometheus.
 
-Per model version, as proto/grpc_predict_v2.proto describes:
+Per model version, as proto/grpc_predict_v2.proto describes (mha.service.grpc.messages turns
+a VersionStats into its ModelStatistics message):
   inference_stats.success / fail   requests, receive -> response (count, total ns)
   inference_stats.queue            successful requests' time queued before compute
   inference_stats.compute_infer    successful requests' compute time (a shared batch run
@@ -16,6 +17,7 @@ Prometheus counters and ModelStatistics cannot drift apart.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import defaultdict
@@ -23,7 +25,6 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
-from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.core.metrics import Metrics
 
 
@@ -36,9 +37,6 @@ class Duration:
         self.count += 1
         self.ns += max(0, ns)
 
-    def proto(self) -> pb.StatisticDuration:
-        return pb.StatisticDuration(count=self.count, ns=self.ns)
-
 
 @dataclass
 class VersionStats:
@@ -50,25 +48,6 @@ class VersionStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     batches: dict[int, Duration] = field(default_factory=lambda: defaultdict(Duration))
-
-    def proto(self, name: str, version: str) -> pb.ModelStatistics:
-        return pb.ModelStatistics(
-            name=name,
-            version=version,
-            last_inference=self.last_inference_ms,
-            inference_count=self.inference_count,
-            execution_count=self.execution_count,
-            inference_stats=pb.InferStatistics(
-                success=self.success.proto(),
-                fail=self.fail.proto(),
-                queue=self.queue.proto(),
-                compute_infer=self.compute_infer.proto(),
-            ),
-            batch_stats=[
-                pb.InferBatchStatistics(batch_size=size, compute_infer=d.proto())
-                for size, d in sorted(self.batches.items())
-            ],
-        )
 
 
 class Statistics:
@@ -108,9 +87,10 @@ class Statistics:
             stats = list(self._stats.values())
         return sum(s.success.count for s in stats), sum(s.fail.count for s in stats)
 
-    def proto(self, model: str, version: str) -> pb.ModelStatistics:
+    def snapshot(self, model: str, version: str) -> VersionStats:
+        """A copy of one version's figures, consistent at one instant."""
         with self._lock:
-            return self._stats[model, version].proto(model, version)
+            return copy.deepcopy(self._stats[model, version])
 
 
 class StatsMetrics(Metrics):

@@ -1,9 +1,11 @@
-"""Decode and check a ModelInferRequest against one model version, before any allocation.
+"""Check and decode an InferRequest against one model version, before any allocation.
 
-Order: the request's structure (raw vs typed, counts, names), then every tensor header
-(datatype, rank, dims, limits) and the agreement of B and S between tensors, and only then
-the data (lengths, decoding, finiteness). Nothing the size of a tensor is allocated until
-its header passed every limit, so a hostile shape costs nothing.
+Order: the request's structure (counts, names), then every tensor header (datatype, rank,
+dims, limits) and the agreement of B and S between tensors, and only then the data
+(lengths, decoding, finiteness). Nothing the size of a tensor is allocated until its header
+passed every limit, so a hostile shape costs nothing. The transport's own rules (raw vs
+typed contents, which typed field) are checked where the transport is decoded
+(mha.service.grpc.messages); this module sees only neutral InputTensors.
 
 NaN and Inf inputs are refused with INVALID_ARGUMENT naming the tensor and the first bad
 index: attention mixes every key position into every output row, so one NaN in a key (even
@@ -18,16 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mha.proto import grpc_predict_v2_pb2 as pb
+from mha import contract
 from mha.service.core.errors import InvalidArgument, ResourceExhausted
+from mha.service.core.inference import InferRequest, InputTensor, Unreadable
 from mha.service.core.repository import ModelSpec, TensorSpec
-from mha.service.grpc import codec
-
-MASK = "key_padding_mask"
-DEFAULT_OUTPUTS = ("output",)  # attention_weights only when the request asks for it
-_FIXED_DIM_NAMES = {"query": "d_model", "key": "kdim", "value": "vdim"}
-
-InputTensor = pb.ModelInferRequest.InferInputTensor
 
 
 @dataclass(frozen=True)
@@ -45,26 +41,10 @@ class Decoded:
     outputs: tuple[str, ...]
 
 
-def _shape(dims: Sequence[int]) -> list[int]:
-    return [int(d) for d in dims]
-
-
-def check_structure(request: pb.ModelInferRequest, spec: ModelSpec) -> dict[str, InputTensor]:
-    """Raw vs typed, raw count, duplicate / unknown / missing names; inputs by name."""
-    raw_count = len(request.raw_input_contents)
-    typed = [t.name for t in request.inputs if codec.typed_count(t.contents)]
-    if raw_count and typed:
-        raise InvalidArgument(
-            f"input {typed[0]!r} has typed contents while the request also has "
-            f"raw_input_contents; use one or the other for all inputs"
-        )
-    if raw_count and raw_count != len(request.inputs):
-        raise InvalidArgument(
-            f"raw_input_contents has {raw_count} entries, expected one per input "
-            f"({len(request.inputs)} inputs)"
-        )
+def check_structure(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str, InputTensor]:
+    """Duplicate / unknown / missing names; inputs by name."""
     by_name: dict[str, InputTensor] = {}
-    for tensor in request.inputs:
+    for tensor in inputs:
         if tensor.name in by_name:
             raise InvalidArgument(f"input {tensor.name!r} appears more than once")
         if spec.input(tensor.name) is None:
@@ -84,8 +64,8 @@ def check_structure(request: pb.ModelInferRequest, spec: ModelSpec) -> dict[str,
 
 def check_header(tensor: InputTensor, expected: TensorSpec, limits: Limits) -> None:
     """Datatype, rank, dims, size limits of one input, from its header alone."""
-    name, shape = tensor.name, _shape(tensor.shape)
-    if tensor.datatype not in codec.PROTOCOL_DATATYPES:
+    name, shape = tensor.name, list(tensor.shape)
+    if tensor.datatype not in contract.PROTOCOL_DATATYPES:
         raise InvalidArgument(
             f"input {name!r}: unknown datatype {tensor.datatype!r}; expected {expected.datatype}"
         )
@@ -98,12 +78,16 @@ def check_header(tensor: InputTensor, expected: TensorSpec, limits: Limits) -> N
             f"input {name!r}: rank {len(shape)} (shape {shape}), expected rank "
             f"{len(expected.shape)} {list(expected.shape)}"
         )
+    _check_dims(name, shape, expected, limits)
+
+
+def _check_dims(name: str, shape: list[int], expected: TensorSpec, limits: Limits) -> None:
     for axis, size in enumerate(shape):
         if size < 0:
             raise InvalidArgument(f"input {name!r}: dimension {axis} is negative ({shape})")
         if size == 0:
             raise InvalidArgument(f"input {name!r}: dimension {axis} is zero ({shape})")
-    nbytes = int(np.prod(shape, dtype=object)) * codec.DTYPES[expected.datatype].itemsize
+    nbytes = int(np.prod(shape, dtype=object)) * contract.DTYPES[expected.datatype].itemsize
     if nbytes > limits.max_bytes:
         raise ResourceExhausted(
             f"input {name!r}: shape {shape} is {nbytes} bytes, over the limit of "
@@ -111,7 +95,7 @@ def check_header(tensor: InputTensor, expected: TensorSpec, limits: Limits) -> N
         )
     for axis, size in enumerate(expected.shape):
         if size != -1 and shape[axis] != size:
-            what = _FIXED_DIM_NAMES.get(name, f"dimension {axis}")
+            what = contract.fixed_dim_name(name, axis)
             raise InvalidArgument(
                 f"input {name!r}: dimension {axis} is {shape[axis]}, expected {size} ({what})"
             )
@@ -128,62 +112,53 @@ def check_header(tensor: InputTensor, expected: TensorSpec, limits: Limits) -> N
 
 def check_agreement(by_name: dict[str, InputTensor], self_attention: bool) -> None:
     """Same B everywhere; key, value and mask share S (the query's L when self-attention)."""
-    shapes = {name: _shape(t.shape) for name, t in by_name.items()}
-    batch = shapes["query"][0]
+    shapes = {name: list(t.shape) for name, t in by_name.items()}
+    batch = shapes[contract.QUERY][0]
     for name, shape in shapes.items():
         if shape[0] != batch:
             raise InvalidArgument(
                 f"input {name!r}: batch size {shape[0]} does not match query's {batch}"
             )
-    source = "query" if self_attention else "key"
+    source = contract.QUERY if self_attention else contract.KEY
     length = shapes[source][1]
-    for name in ("value", MASK) if not self_attention else (MASK,):
-        if name in shapes and shapes[name][1] != length:
+    for name in contract.KEY_SIDE:
+        if name != source and name in shapes and shapes[name][1] != length:
             raise InvalidArgument(
                 f"input {name!r}: sequence length {shapes[name][1]} does not match "
                 f"{source}'s {length}"
             )
 
 
-def decode_tensor(tensor: InputTensor, raw: bytes | None) -> np.ndarray:
+def decode_tensor(tensor: InputTensor) -> np.ndarray:
     """The array of one input whose header passed; checks length / count and values."""
-    name, shape, datatype = tensor.name, _shape(tensor.shape), tensor.datatype
+    name, shape, dtype = tensor.name, list(tensor.shape), contract.DTYPES[tensor.datatype]
     count = int(np.prod(shape))
-    if raw is not None:
-        expected_bytes = count * codec.DTYPES[datatype].itemsize
-        if len(raw) != expected_bytes:
+    data = tensor.data
+    if isinstance(data, Unreadable):
+        raise InvalidArgument(f"input {name!r}: {data.reason}")
+    if isinstance(data, bytes):
+        if len(data) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"input {name!r}: raw contents are {len(raw)} bytes, shape {shape} of "
-                f"{datatype} needs {expected_bytes}"
+                f"input {name!r}: {tensor.source} are {len(data)} bytes, shape {shape} of "
+                f"{tensor.datatype} needs {count * dtype.itemsize}"
             )
-        array = codec.from_raw(raw, datatype, shape)
+        array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    elif isinstance(data, np.ndarray):
+        if data.size != count:
+            raise InvalidArgument(
+                f"input {name!r}: {tensor.source} holds {data.size} values, shape {shape} "
+                f"needs {count}"
+            )
+        array = np.ascontiguousarray(data, dtype=dtype).reshape(shape)
     else:
-        array = _decode_typed(tensor, shape, count)
+        if len(data) != count:
+            raise InvalidArgument(
+                f"input {name!r}: {tensor.source} holds {len(data)} values, shape {shape} "
+                f"needs {count}"
+            )
+        array = np.asarray(data, dtype=dtype).reshape(shape)
     _check_values(name, array)
     return array
-
-
-def _decode_typed(tensor: InputTensor, shape: list[int], count: int) -> np.ndarray:
-    name, datatype = tensor.name, tensor.datatype
-    field = codec.TYPED_FIELDS.get(datatype)
-    if field is None:
-        raise InvalidArgument(
-            f"input {name!r}: {datatype} data must travel in raw_input_contents (the protocol "
-            f"has no typed field for it)"
-        )
-    present = codec.typed_count(tensor.contents)
-    others = sorted(set(present) - {field})
-    if others:
-        raise InvalidArgument(
-            f"input {name!r}: typed contents in {', '.join(others)}, expected {field} for "
-            f"{datatype}"
-        )
-    if present.get(field, 0) != count:
-        raise InvalidArgument(
-            f"input {name!r}: {field} holds {present.get(field, 0)} values, shape {shape} "
-            f"needs {count}"
-        )
-    return codec.from_typed(tensor.contents, datatype, shape)
 
 
 def _check_values(name: str, array: np.ndarray) -> None:
@@ -200,9 +175,9 @@ def _check_values(name: str, array: np.ndarray) -> None:
         )
 
 
-def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[str, ...]:
+def requested_outputs(asked: Sequence[str], spec: ModelSpec) -> tuple[str, ...]:
     """Output names asked for (default: output only), each checked against the model."""
-    names = tuple(o.name for o in request.outputs) or DEFAULT_OUTPUTS
+    names = tuple(asked) or contract.DEFAULT_OUTPUTS
     seen: set[str] = set()
     for name in names:
         if name not in spec.output_names:
@@ -216,22 +191,20 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> tuple[s
     return names
 
 
-def decode(request: pb.ModelInferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
+def decode(request: InferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
     """Every check of the request, then its arrays (the mask filled in when omitted)."""
-    by_name = check_structure(request, spec)
+    if request.unreadable is not None:
+        raise InvalidArgument(request.unreadable)
+    by_name = check_structure(request.inputs, spec)
     for name, tensor in by_name.items():
         expected = spec.input(name)
         assert expected is not None  # check_structure refused unknown names
         check_header(tensor, expected, limits)
     check_agreement(by_name, spec.self_attention)
-    outputs = requested_outputs(request, spec)
-    raws = list(request.raw_input_contents)
-    arrays = {
-        tensor.name: decode_tensor(tensor, raws[index] if raws else None)
-        for index, tensor in enumerate(request.inputs)
-    }
-    if MASK not in arrays:
-        query_or_key = arrays["query" if spec.self_attention else "key"]
-        arrays[MASK] = np.zeros(query_or_key.shape[:2], dtype=bool)
+    outputs = requested_outputs(request.outputs, spec)
+    arrays = {tensor.name: decode_tensor(tensor) for tensor in request.inputs}
+    if contract.KEY_PADDING_MASK not in arrays:
+        query_or_key = arrays[contract.QUERY if spec.self_attention else contract.KEY]
+        arrays[contract.KEY_PADDING_MASK] = np.zeros(query_or_key.shape[:2], dtype=bool)
     inputs = {t.name: arrays[t.name] for t in spec.inputs}  # graph order
     return Decoded(inputs=inputs, outputs=outputs)

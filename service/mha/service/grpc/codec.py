@@ -3,7 +3,8 @@
 Only what mha models use travels: FP32, FP16 (raw only: the protocol has no typed field
 for it) and BOOL (1 byte per element). Raw contents are flattened row-major bytes,
 little-endian, no padding. Request validation (names, ranks, limits) lives in
-mha.service.core.validation; this module only converts.
+mha.service.core.validation; this module only converts, on both sides: the server's
+messages (mha.service.grpc.messages) and the client (mha.client) use it.
 """
 
 from __future__ import annotations
@@ -12,60 +13,37 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mha import contract
 from mha.proto import grpc_predict_v2_pb2 as pb
 
-# datatype string -> numpy dtype (little-endian, as the protocol's raw bytes are)
-DTYPES: dict[str, np.dtype] = {
-    "FP32": np.dtype("<f4"),
-    "FP16": np.dtype("<f2"),
-    "BOOL": np.dtype("?"),
-}
-# datatype string -> InferTensorContents field holding it (FP16 has none)
+# datatype string -> the InferTensorContents field that carries it (FP16 and BF16 have none)
 TYPED_FIELDS: dict[str, str] = {"FP32": "fp32_contents", "BOOL": "bool_contents"}
-# every datatype the protocol names, so "unknown" and "not this model's" read differently
-PROTOCOL_DATATYPES = frozenset(
-    [
-        "BOOL",
-        "UINT8",
-        "UINT16",
-        "UINT32",
-        "UINT64",
-        "INT8",
-        "INT16",
-        "INT32",
-        "INT64",
-        "FP16",
-        "FP32",
-        "FP64",
-        "BF16",
-        "BYTES",
-    ]
-)
-
-
-def datatype_of(array: np.ndarray) -> str:
-    """The protocol's datatype string of a numpy array's dtype."""
-    for name, dtype in DTYPES.items():
-        if array.dtype == dtype or array.dtype == dtype.newbyteorder("="):
-            return name
-    raise ValueError(f"dtype {array.dtype} has no Open Inference Protocol datatype used by mha")
+PROTOCOL_FIELDS: dict[str, str] = {
+    **TYPED_FIELDS,
+    **dict.fromkeys(("INT8", "INT16", "INT32"), "int_contents"),
+    "INT64": "int64_contents",
+    **dict.fromkeys(("UINT8", "UINT16", "UINT32"), "uint_contents"),
+    "UINT64": "uint64_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
 
 
 def to_raw(array: np.ndarray) -> bytes:
     """Row-major little-endian bytes of an array (BOOL as one byte per element)."""
-    return np.ascontiguousarray(array, dtype=DTYPES[datatype_of(array)]).tobytes()
+    return np.ascontiguousarray(array, dtype=contract.DTYPES[contract.datatype_of(array)]).tobytes()
 
 
 def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """Array of `shape` from raw bytes; the caller has checked the length."""
-    array = np.frombuffer(raw, dtype=DTYPES[datatype]).reshape(tuple(shape))
+    array = np.frombuffer(raw, dtype=contract.DTYPES[datatype]).reshape(tuple(shape))
     return array
 
 
 def from_typed(contents: pb.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """Array of `shape` from typed contents; the caller has checked the element count."""
     values = getattr(contents, TYPED_FIELDS[datatype])
-    return np.asarray(values, dtype=DTYPES[datatype]).reshape(tuple(shape))
+    return np.asarray(values, dtype=contract.DTYPES[datatype]).reshape(tuple(shape))
 
 
 def typed_count(contents: pb.InferTensorContents) -> dict[str, int]:
@@ -82,7 +60,7 @@ def input_tensor(
 ) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes]:
     """The request tensor header and its raw contents."""
     header = pb.ModelInferRequest.InferInputTensor(
-        name=name, datatype=datatype_of(array), shape=list(array.shape)
+        name=name, datatype=contract.datatype_of(array), shape=list(array.shape)
     )
     return header, to_raw(array)
 
@@ -98,7 +76,7 @@ def infer_request(
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest with raw contents, or typed contents (ValueError for FP16)."""
     if typed:
-        untyped = [n for n, a in inputs.items() if datatype_of(a) not in TYPED_FIELDS]
+        untyped = [n for n, a in inputs.items() if contract.datatype_of(a) not in TYPED_FIELDS]
         if untyped:
             raise ValueError(
                 f"inputs {untyped} have no typed contents field in the protocol (FP16 travels "
@@ -121,7 +99,7 @@ def output_tensor(
     name: str, array: np.ndarray
 ) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
     header = pb.ModelInferResponse.InferOutputTensor(
-        name=name, datatype=datatype_of(array), shape=list(array.shape)
+        name=name, datatype=contract.datatype_of(array), shape=list(array.shape)
     )
     return header, to_raw(array)
 

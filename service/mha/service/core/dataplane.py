@@ -1,0 +1,160 @@
+"""The data plane: infer(request) -> response, with no transport in it.
+
+It owns what every inference goes through whatever carried it: model lookup, validation,
+the deadline, the model's scheduler, statistics, metrics and the access log. The gRPC
+servicer (mha.service.grpc.servicer) only decodes a message, calls it and encodes the
+answer; tests and in-process callers call it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from mha import contract
+from mha.service.core import validation
+from mha.service.core.errors import ServiceError, Unavailable
+from mha.service.core.inference import InferRequest, InferResponse
+from mha.service.core.models import Loader, ModelTable, ServedModel
+from mha.service.core.repository import ModelSpec
+from mha.service.core.scheduling import InferenceJob
+from mha.service.core.stats import StatsMetrics, VersionStats
+
+log = logging.getLogger(__name__)
+
+
+def _outcome(err: BaseException) -> str:
+    # A BaseException that is not an Exception is the task's cancellation (client gone).
+    if not isinstance(err, Exception):
+        return "cancelled"
+    return err.reason if isinstance(err, ServiceError) else "internal"
+
+
+class DataPlane:
+    """Every model version of one server, and the inference path through them.
+
+    After `refuse_new()` (the server is stopping) infer answers UNAVAILABLE at once while
+    the requests already in it (`active`) finish.
+    """
+
+    def __init__(self, table: ModelTable, metrics: StatsMetrics, loader: Loader) -> None:
+        self.table = table
+        self.metrics = metrics
+        self.loader = loader
+        self.active = 0  # infer calls in progress (event loop only, no lock needed)
+        self.last_call = 0.0  # time.monotonic() of the latest infer call
+        self.refusing = False
+
+    @property
+    def ready(self) -> bool:
+        """Every model version on disk is loaded and warmed up."""
+        return self.table.all_ready
+
+    def refuse_new(self) -> None:
+        self.refusing = True
+
+    async def load_all(self) -> int:
+        """Load and warm up every model version off the event loop; return how many."""
+        loop = asyncio.get_running_loop()
+        for spec in self.table.all_specs():
+            served = await loop.run_in_executor(self.loader.executor, self.loader.load, spec)
+            self.table.served[spec.name, spec.version] = served
+            loaded = served.loaded
+            labels = (spec.name, str(spec.version))
+            self.metrics.model_loaded(*labels, loaded.provider, spec.target, spec.dtype)
+        return len(self.table.served)
+
+    async def close(self) -> None:
+        """Finish what the schedulers accepted, then mark every version not ready."""
+        for (name, version), served in list(self.table.served.items()):
+            await served.scheduler.close()
+            self.metrics.model_unready(name, str(version))
+
+    def model(self, name: str, version: str = "") -> ModelSpec:
+        """The spec of name/version (latest when version is empty); NotFound otherwise."""
+        return self.table.resolve(name, version)
+
+    def versions(self, name: str) -> list[int]:
+        return sorted(self.table.specs[self.table.resolve(name).name])
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        spec = self.table.resolve(name, version)
+        return (spec.name, spec.version) in self.table.served
+
+    def providers(self) -> list[str]:
+        return self.table.providers()
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[ModelSpec, VersionStats]]:
+        """Per model version asked for (all of a model without a version; all without a name)."""
+        if name:
+            spec = self.table.resolve(name, version)
+            specs = [spec] if version else list(self.table.specs[spec.name].values())
+        else:
+            specs = self.table.all_specs()
+        figures = self.metrics.statistics
+        return [(s, figures.snapshot(s.name, str(s.version))) for s in specs]
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Validate, schedule and answer one request; a ServiceError says what was wrong."""
+        labels = ("", "")  # unknown model names stay out of the metric labels
+        self.active += 1
+        self.last_call = request.received
+        try:
+            if self.refusing:
+                raise Unavailable("the server is shutting down; send the request again")
+            served = self.table.get(request.model_name, request.model_version)
+            labels = (served.spec.name, str(served.spec.version))
+            return await self._infer(served, request, labels)
+        except BaseException as err:
+            self._failed(labels, err, request.received)
+            raise
+        finally:
+            self.active -= 1
+
+    async def _infer(
+        self, served: ServedModel, request: InferRequest, labels: tuple[str, str]
+    ) -> InferResponse:
+        decoded = validation.decode(request, served.spec, served.limits)
+        job = InferenceJob(
+            request_id=request.id,
+            inputs=decoded.inputs,
+            outputs=decoded.outputs,
+            deadline=request.deadline,
+        )
+        self.metrics.inflight.labels(*labels).inc()
+        try:
+            result = await served.scheduler.submit(job)
+        finally:
+            self.metrics.inflight.labels(*labels).dec()
+        elapsed = time.monotonic() - request.received
+        self._succeeded(labels, elapsed, result.queue_ns, result.compute_ns, job.batch_size)
+        if log.isEnabledFor(logging.DEBUG):  # an access log line, off at the default INFO
+            log.debug(
+                "ModelInfer %s/%s query %s: %.2f ms (queue %.2f, compute %.2f, run of %d)",
+                *labels, list(job.inputs[contract.QUERY].shape), elapsed * 1e3,
+                result.queue_ns / 1e6, result.compute_ns / 1e6, result.batch_size,
+            )  # fmt: skip
+        return InferResponse(
+            model_name=labels[0],
+            model_version=labels[1],
+            id=request.id,
+            outputs=result.outputs,
+            parameters={"provider": served.loaded.provider},
+            queue_ns=result.queue_ns,
+            compute_ns=result.compute_ns,
+            batch_size=result.batch_size,
+        )
+
+    def _succeeded(
+        self, labels: tuple[str, str], elapsed: float, queue_ns: int, compute_ns: int, samples: int
+    ) -> None:
+        self.metrics.request_done(*labels, "success", elapsed)
+        self.metrics.queued(*labels, queue_ns / 1e9)
+        self.metrics.statistics.success(*labels, int(elapsed * 1e9), queue_ns, compute_ns, samples)
+
+    def _failed(self, labels: tuple[str, str], err: BaseException, started: float) -> None:
+        elapsed = time.monotonic() - started
+        self.metrics.request_done(*labels, _outcome(err), elapsed)
+        if labels[0]:
+            self.metrics.statistics.failure(*labels, int(elapsed * 1e9))
