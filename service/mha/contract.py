@@ -31,6 +31,10 @@ FLOAT = "float"  # the model's datatype: FP32 or FP16
 BOOL = "BOOL"
 DEFAULT_OUTPUTS = (OUTPUT,)  # attention_weights only when a request asks for it
 
+# Parity an export proves, per model datatype: (atol, rtol) against fp32 eager PyTorch. fp16:
+# 1e-3 absolute plus one fp16 spacing (2**-10) relative, for the rounding of large values.
+PARITY_TOLERANCE: dict[str, tuple[float, float]] = {"FP32": (1e-5, 0.0), "FP16": (1e-3, 2.0**-10)}
+
 # The datatypes mha models use -> numpy dtype (little-endian, as the protocol's raw bytes are;
 # BOOL is one byte per element).
 DTYPES: dict[str, np.dtype] = {

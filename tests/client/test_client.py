@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from mha.client.sync import AsyncClient, Client, ClientError
+from mha.client import AsyncClient, Client, ClientError
 from mha.service.grpc import codec
 
 

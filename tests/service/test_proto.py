@@ -19,7 +19,7 @@ def test_tritonclient_and_mha_proto_load_in_one_process():
     code = (
         "import tritonclient.grpc, tritonclient.grpc.service_pb2 as t\n"
         "from mha.proto import grpc_predict_v2_pb2 as pb\n"
-        "from mha.client.sync import Client\n"
+        "from mha.client import Client\n"
         "wire = pb.ModelInferRequest(model_name='m', id='x').SerializeToString()\n"
         "print(t.ModelInferRequest.FromString(wire).id)\n"
     )

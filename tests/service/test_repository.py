@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mha.service.core.errors import NotFound, StartupError
-from mha.service.core.repository import scan
 from mha.service.core.models import ModelTable
+from mha.service.core.repository import scan
 
 
 def copy_model(source: Path, repo: Path, name: str, version: str) -> Path:

@@ -23,7 +23,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from mha.client.sync import channel_options
+from mha.client.core import channel_options
 
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_OPEN_LOOP_INFLIGHT = 4096  # beyond this an open-loop arrival is dropped as CLIENT_OVERLOAD

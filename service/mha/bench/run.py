@@ -15,7 +15,7 @@ from mha.bench.inprocess import batches, make_session, run_inprocess
 from mha.bench.loadgen import LoadResult, LoadSpec, run_load
 from mha.bench.plan import SERVER_CONFIGS, Point, Pool, Timing, build_pool
 from mha.bench.servers import ServerProcess, histogram_totals, start_server
-from mha.client.sync import Client, ClientError
+from mha.client import Client, ClientError
 from mha.proto import grpc_predict_v2_pb2 as pb
 
 PADDING = "mha_batch_padding_fraction"

@@ -37,7 +37,7 @@ from mha.bench.plan import (
 from mha.bench.run import Runner
 from mha.bench.servers import ServerFailed, mha_command
 from mha.cli import CliError
-from mha.client.sync import Client, ClientError
+from mha.client import Client, ClientError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mha.client.sync import Client, ClientError
+from mha.client import Client, ClientError
 
 # bench configuration -> `mha serve` flags
 CONFIG_FLAGS = {

@@ -1,0 +1,12 @@
+"""An Open Inference Protocol gRPC client: `Client` (blocking) and `AsyncClient` (asyncio).
+
+from mha.client import Client
+with Client("localhost:8001") as client:
+    result = client.infer("mha", {"query": query})  # result.outputs["output"]
+"""
+
+from mha.client.aio import AsyncClient
+from mha.client.core import ClientError, InferResult
+from mha.client.sync import Client
+
+__all__ = ["AsyncClient", "Client", "ClientError", "InferResult"]

@@ -16,9 +16,10 @@ import numpy as np
 
 from mha import contract
 from mha.client.compare import CompareError, OutputDiff, compare
+from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, ClientError, InferResult
 from mha.client.inputs import InputError, Sizes, build_inputs, load_arrays, output_names
 from mha.client.plot import PlotUnavailable, attention_heatmaps
-from mha.client.sync import DEFAULT_MAX_MESSAGE_BYTES, Client, ClientError, InferResult
+from mha.client.sync import Client
 from mha.errors import CliError
 
 WEIGHTS = "attention_weights"
@@ -84,7 +85,8 @@ def describe(name: str, array: np.ndarray) -> str:
             f"mean {finite.mean():+.4g}  std {finite.std():.4g}  "
             f"min {finite.min():+.4g}  max {finite.max():+.4g}"
         )
-    return f"  {name:<18} {contract.datatype_of(array):<4} {list(array.shape)!s:<16} {stats}  NaN {nans}"
+    header = f"  {name:<18} {contract.datatype_of(array):<4} {list(array.shape)!s:<16}"
+    return f"{header} {stats}  NaN {nans}"
 
 
 def print_result(args: argparse.Namespace, inputs: Mapping[str, np.ndarray], result: InferResult):

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-MASK = "key_padding_mask"
-# Same values as mha.export.options (not imported: the service never imports the export tools).
-DEFAULT_TOLERANCE = {"FP32": (1e-5, 0.0), "FP16": (1e-3, 2.0**-10)}
+from mha import contract
+
+MASK = contract.KEY_PADDING_MASK
 
 
 class CompareError(ValueError):
@@ -48,7 +48,9 @@ def model_files(path: Path) -> tuple[Path, dict[str, Any] | None]:
 def tolerance(config: Mapping[str, Any] | None) -> tuple[float, float]:
     """(atol, rtol) for the model: its parity record, else the default for its dtype."""
     config = config or {}
-    atol, rtol = DEFAULT_TOLERANCE.get(str(config.get("dtype", "FP32")), DEFAULT_TOLERANCE["FP32"])
+    atol, rtol = contract.PARITY_TOLERANCE.get(
+        str(config.get("dtype", "FP32")), contract.PARITY_TOLERANCE["FP32"]
+    )
     parity = config.get("parity") or {}
     return float(parity.get("atol", atol)), float(parity.get("rtol", rtol))
 
@@ -68,7 +70,7 @@ def run_local(
         if graph_input.name in inputs:
             feeds[graph_input.name] = inputs[graph_input.name]
         elif graph_input.name == MASK:
-            keys = inputs.get("key", inputs["query"])
+            keys = inputs.get(contract.KEY, inputs[contract.QUERY])
             feeds[MASK] = np.zeros(keys.shape[:2], dtype=bool)
         else:
             raise CompareError(f"--compare {model}: no value for graph input {graph_input.name!r}")

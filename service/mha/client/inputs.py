@@ -1,8 +1,9 @@
 """Request inputs for `mha infer`: seeded random arrays shaped from ModelMetadata, or .npy files.
 
-Shapes follow the tensor contract (ARCHITECTURE.md): query [B, L, E], key [B, S, kdim],
-value [B, S, vdim], key_padding_mask [B, S] (True = padding). Fixed dims come from the
-server's metadata, so the same flags work for any d_model and for self or cross attention.
+Shapes follow the tensor contract (mha.contract, docs/architecture.md): query [B, L, E],
+key [B, S, kdim], value [B, S, vdim], key_padding_mask [B, S] (True = padding). Fixed dims
+come from the server's metadata, so the same flags work for any d_model and for self or
+cross attention.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 from mha import contract
 from mha.proto import grpc_predict_v2_pb2 as pb
 
-MASK = "key_padding_mask"
-KEY_SIDE = ("key", "value")  # inputs whose sequence axis is S, not L
+MASK = contract.KEY_PADDING_MASK
 
 
 class InputError(ValueError):
@@ -51,10 +51,11 @@ def load_arrays(paths: Mapping[str, Path | None]) -> dict[str, np.ndarray]:
 def resolve_sizes(given: Mapping[str, np.ndarray], defaults: Sizes) -> Sizes:
     """B, L, S from the given arrays where present, else the defaults."""
     batch, length = defaults.batch, defaults.length
-    if "query" in given and given["query"].ndim >= 2:
-        batch, length = given["query"].shape[:2]
+    query = given.get(contract.QUERY)
+    if query is not None and query.ndim >= 2:
+        batch, length = query.shape[:2]
     source = length if defaults.source_length is None else defaults.source_length
-    for name in (*KEY_SIDE, MASK):
+    for name in contract.KEY_SIDE:
         if name in given and given[name].ndim >= 2:
             batch, source = given[name].shape[:2]
     return Sizes(int(batch), int(length), int(source))
@@ -62,7 +63,7 @@ def resolve_sizes(given: Mapping[str, np.ndarray], defaults: Sizes) -> Sizes:
 
 def shape_for(tensor: pb.ModelMetadataResponse.TensorMetadata, sizes: Sizes) -> tuple[int, ...]:
     """The concrete shape of an input: dynamic dims filled with B, L or S by role."""
-    sequence = sizes.source if tensor.name in (*KEY_SIDE, MASK) else sizes.length
+    sequence = sizes.source if tensor.name in contract.KEY_SIDE else sizes.length
     shape = []
     for axis, dim in enumerate(tensor.shape):
         if dim >= 0:
