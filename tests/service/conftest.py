@@ -6,17 +6,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from harness import link_repository
 from service_helpers import MODELS, RunningServer, settings_for
 
 
 @pytest.fixture(scope="session")
 def repository(exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with every MODELS entry as version 1 (links to the exports)."""
-    root = tmp_path_factory.mktemp("serve-repo")
-    for name, fields in MODELS.items():
-        (root / name).mkdir()
-        (root / name / "1").symlink_to(exported(**fields), target_is_directory=True)
-    return root
+    return link_repository(tmp_path_factory.mktemp("serve-repo"), exported, MODELS)
 
 
 @pytest.fixture(scope="module")

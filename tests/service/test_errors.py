@@ -1,4 +1,4 @@
-"""Every bad input of issue 3 section 3: the right code and message; the server keeps serving."""
+"""Every kind of bad input: the right code and message; the server keeps serving."""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Same model file and request mix as the served runs. `merge` > 1 joins that many requests
 into one session run (right-padded to the longest, key_padding_mask marking the padding),
-which is the best an ideal batcher could do; issue 4's bound uses the best merge size.
+which is the best an ideal batcher could do; the batching target's bound uses the best
+merge size.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from mha import contract
 from mha.bench.loadgen import LoadResult
+from mha.service.core import padding
 
-MASK = "key_padding_mask"
+MASK = contract.KEY_PADDING_MASK
 
 
 def make_session(model_file: Path, threads: int | None) -> Any:
@@ -34,29 +37,16 @@ def make_session(model_file: Path, threads: int | None) -> Any:
 
 
 def _key_length(arrays: Mapping[str, np.ndarray]) -> int:
-    return int(arrays.get("key", arrays["query"]).shape[1])
+    return int(arrays.get(contract.KEY, arrays[contract.QUERY]).shape[1])
 
 
 def with_mask(arrays: Mapping[str, np.ndarray], graph_inputs: Sequence[str]) -> dict:
     """Feeds for every graph input; an omitted mask is all False (nothing padded)."""
     feeds = dict(arrays)
     if MASK in graph_inputs and MASK not in feeds:
-        feeds[MASK] = np.zeros((arrays["query"].shape[0], _key_length(arrays)), dtype=bool)
+        batch = arrays[contract.QUERY].shape[0]
+        feeds[MASK] = np.zeros((batch, _key_length(arrays)), dtype=bool)
     return feeds
-
-
-def merge(group: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """One batch from several requests' feeds, padded along the sequence axis."""
-    merged: dict[str, np.ndarray] = {}
-    for name in group[0]:
-        longest = max(a[name].shape[1] for a in group)
-        fill = True if name == MASK else 0  # padded keys are masked out
-        parts = []
-        for a in group:
-            widths = [(0, 0), (0, longest - a[name].shape[1])] + [(0, 0)] * (a[name].ndim - 2)
-            parts.append(np.pad(a[name], widths, constant_values=fill))
-        merged[name] = np.concatenate(parts, axis=0)
-    return merged
 
 
 def batches(
@@ -68,7 +58,9 @@ def batches(
         return single
     rng = random.Random(seed)
     return [
-        merge(rng.sample(single, size) if size <= len(single) else rng.choices(single, k=size))
+        padding.merge(
+            rng.sample(single, size) if size <= len(single) else rng.choices(single, k=size)
+        ).feeds
         for _ in range(16)
     ]
 

@@ -80,19 +80,24 @@ class Preset:
     workloads: tuple[str, ...]
     concurrency: tuple[int, ...]
     configs: tuple[str, ...] = ("on", "off", "floor", "inprocess")
-    merges: tuple[int, ...] = ()  # in-process best-batch sweep (issue 4's bound)
+    merges: tuple[int, ...] = ()  # in-process best-batch sweep (the batching bound)
     timing: Timing = field(default_factory=Timing)
     rates: tuple[float, ...] = ()  # open-loop points (served configurations only)
 
 
-ISSUE3 = Preset("issue3", ("1x16", "1x128", "8x128"), (1, 4, 16))
-ISSUE4 = Preset("issue4", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
+LATENCY = Preset("latency", ("1x16", "1x128", "8x128"), (1, 4, 16))
+BATCHING = Preset("batching", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
 QUICK_TIMING = Timing(duration_s=0.4, warmup_s=0.1, sweep_duration_s=0.3)
 QUICK = (  # every configuration and code path, in seconds (the smoke test)
-    Preset("issue3", ("1x16",), (1, 4), timing=QUICK_TIMING),
-    Preset("issue4", ("1x8-32",), (4,), merges=(1, 4), timing=QUICK_TIMING),
+    Preset("latency", ("1x16",), (1, 4), timing=QUICK_TIMING),
+    Preset("batching", ("1x8-32",), (4,), merges=(1, 4), timing=QUICK_TIMING),
 )
-PRESETS = {"issue3": (ISSUE3,), "issue4": (ISSUE4,), "full": (ISSUE3, ISSUE4), "quick": QUICK}
+PRESETS = {
+    "latency": (LATENCY,),
+    "batching": (BATCHING,),
+    "full": (LATENCY, BATCHING),
+    "quick": QUICK,
+}
 
 
 def _points(preset: Preset, config: str, workload: Workload) -> list[Point]:

@@ -2,38 +2,19 @@
 
 Points are plain dicts (what the JSON holds): config, workload, concurrency, rate, merge,
 rps, p50_ms, p90_ms, p99_ms, max_ms, requests, errors, and for served runs mean_batch and
-padding_fraction. Targets are those of issue 3 section 7 and issue 4 section 4.
+padding_fraction. Targets: end-to-end latency and throughput against the in-process baseline, and
+batching on vs off against the compute bound.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from mha.tables import markdown_table as table
+
 Row = dict[str, Any]
-
-
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table, numbers formatted for reading."""
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def line(values: Sequence[str]) -> str:
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(list(headers)), rule] + [line(r) for r in cells])
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "-"
-        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
-    return str(value)
 
 
 def find(points: Sequence[Row], **where: Any) -> Row | None:
@@ -88,10 +69,10 @@ def target(name: str, value: float, bound: float, higher_is_better: bool) -> Row
             "ok": _check(value, bound, higher_is_better)}  # fmt: skip
 
 
-def issue3(
+def latency_report(
     points: Sequence[Row], workloads: Sequence[str], servers: Sequence[str] = ("on", "off")
 ) -> tuple[str, list[Row]]:
-    """Issue 3 section 7: latency at c=1, throughput at c=1,4,16; and its targets."""
+    """Latency at c=1, throughput at c=1,4,16, and their targets vs in-process."""
     rows = []
     for w in workloads:
         for config in ("on", "off", "floor", "inprocess", "external"):
@@ -120,10 +101,10 @@ def issue3(
     return table(headers, rows), targets
 
 
-def issue4(
+def batching_report(
     points: Sequence[Row], workloads: Sequence[str], concurrency: int = 32
 ) -> tuple[str, list[Row]]:
-    """Issue 4 section 4: batching on vs off at 32 clients, and the floor/compute bound."""
+    """Batching on vs off at 32 clients, and the floor/compute bound."""
     rows, targets = [], []
     for w in workloads:
         on = find(points, config="on", workload=w, concurrency=concurrency)
@@ -168,7 +149,7 @@ def issue4(
 
 
 def servers_table(servers: dict[str, Row]) -> tuple[str, list[Row]]:
-    """Start-up time and resident memory per server configuration, with issue 3's targets."""
+    """Start-up time and resident memory per server configuration, with their targets."""
     rows = [[c, s["startup_s"], s.get("rss_idle_mb"), s["rss_mb"], s.get("model", "")]
             for c, s in servers.items()]  # fmt: skip
     targets = []

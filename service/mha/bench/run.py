@@ -53,7 +53,9 @@ class Progress:
         )
 
 
-class Runner:
+class PlanRunner:
+    """Measures a plan's points: servers started per configuration, load run per point."""
+
     def __init__(
         self, args: argparse.Namespace, metadata: pb.ModelMetadataResponse, local: Path | None
     ) -> None:

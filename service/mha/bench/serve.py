@@ -3,8 +3,8 @@
 By default it starts the project's own server (`mha serve` on loopback, port 0) with
 batching on, batching off and in the no-compute floor mode, and runs the in-process ONNX
 Runtime baseline on the same model file and request mix; --url measures an external
-server instead. Writes bench.json and bench.png to --out and prints the tables of issue 3
-section 7 and issue 4 section 4 with their targets. Figures, not a test: the machine may
+server instead. Writes bench.json and bench.png to --out and prints the latency and
+batching tables with their targets. Figures, not a test: the machine may
 be shared, so the JSON records the load average before and after.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mha.bench import report as report
+from mha.bench import report
 from mha.bench.plan import (
     CONFIGS,
     PRESETS,
@@ -34,7 +34,7 @@ from mha.bench.plan import (
     plan,
     read_config,
 )
-from mha.bench.run import Runner
+from mha.bench.run import PlanRunner
 from mha.bench.servers import ServerFailed, mha_command
 from mha.cli import CliError
 from mha.client import Client, ClientError
@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="full",
-        help="issue3, issue4, full (both), quick (seconds; for tests)",
+        help="latency, batching, full (both), quick (seconds; for tests)",
     )
     what.add_argument(
         "--quick", action="store_const", const="quick", dest="preset", help="= --preset quick"
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     chosen = presets(args)
     points: list[tuple[Point, Timing]] = plan(chosen, configs(args, local is not None))
     args.out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args, metadata, local)
+    runner = PlanRunner(args, metadata, local)
     started, load_before = time.time(), os.getloadavg()
     try:
         results, servers = runner.run_all(points)
@@ -236,14 +236,14 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
     )
     print(report.points_table(points))
     by_name = {p.name: p for p in chosen}
-    if "issue3" in by_name:
-        text, found = report.issue3(points, by_name["issue3"].workloads)
-        print("\nissue 3 section 7: end-to-end latency and throughput\n" + text)
+    if "latency" in by_name:
+        text, found = report.latency_report(points, by_name["latency"].workloads)
+        print("\nend-to-end latency and throughput\n" + text)
         targets += found
-    if "issue4" in by_name:
-        c32 = by_name["issue4"].concurrency[0]
-        text, found = report.issue4(points, by_name["issue4"].workloads, concurrency=c32)
-        print(f"\nissue 4 section 4: batching on vs off, {c32} clients\n" + text)
+    if "batching" in by_name:
+        c32 = by_name["batching"].concurrency[0]
+        text, found = report.batching_report(points, by_name["batching"].workloads, concurrency=c32)
+        print(f"\nbatching on vs off, {c32} clients\n" + text)
         targets += found
     if document["servers"]:
         text, found = report.servers_table(document["servers"])

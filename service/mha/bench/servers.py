@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,6 @@ def mha_command() -> list[str]:
         return [str(beside)]
     found = shutil.which("mha")
     return [found] if found else [sys.executable, "-m", "mha.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -99,8 +92,10 @@ def start_server(
     timeout_s: float = 180.0,
 ) -> ServerProcess:
     """Start `mha serve` on loopback in `config` and wait until it is SERVING."""
-    port_file = Path(tempfile.mkdtemp(dir=log_dir)) / "port"
-    metrics_port = free_port()
+    # Both ports are bound by the server itself (port 0) and written to files, so no other
+    # process can take a port between its choice and its bind.
+    files = Path(tempfile.mkdtemp(dir=log_dir))
+    port_file, metrics_port_file = files / "port", files / "metrics-port"
     flags = [*CONFIG_FLAGS[config], *extra] + (["--threads", str(threads)] if threads else [])
     command = [
         *mha_command(),
@@ -114,7 +109,9 @@ def start_server(
         "--port-file",
         str(port_file),
         "--metrics-port",
-        str(metrics_port),
+        "0",
+        "--metrics-port-file",
+        str(metrics_port_file),
         *flags,
     ]
     log_path = log_dir / f"server-{config}.log"
@@ -125,9 +122,10 @@ def start_server(
     try:
         url = _wait_serving(process, port_file, started + timeout_s, log_path)
     except BaseException:
-        ServerProcess(process, "", metrics_port, 0.0, log_path).stop(timeout=5)
+        ServerProcess(process, "", 0, 0.0, log_path).stop(timeout=5)
         raise
     startup = time.perf_counter() - started
+    metrics_port = int(metrics_port_file.read_text())  # written before the gRPC port file
     return ServerProcess(process, url, metrics_port, startup, log_path, flags)
 
 

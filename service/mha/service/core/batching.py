@@ -137,6 +137,16 @@ class BatchingScheduler:
         self._worker: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting for a run."""
+        return len(self._queue)
+
+    @property
+    def closing(self) -> bool:
+        """close() has begun: new jobs are refused."""
+        return self._closing
+
     async def submit(self, job: InferenceJob) -> JobResult:
         """Queue the job and return its own answer from a shared run."""
         if self._closing:

@@ -123,7 +123,9 @@ def batching_options(settings: Settings, limits: Limits, provider: str) -> Batch
 class Loader:
     """What loading a model version needs: settings, device plan, threads, pool, metrics.
 
-    wrap_runner puts a runner in front of ONNX Runtime's (tests use it to hold a run).
+    wrap_runner puts a runner in front of ONNX Runtime's (tests use it to hold a run);
+    before_load is called in the loading thread before each version loads (tests use it to
+    hold the loading).
     """
 
     settings: Settings
@@ -132,9 +134,12 @@ class Loader:
     executor: Executor
     metrics: Metrics
     wrap_runner: Callable[[Runner], Runner] | None = None
+    before_load: Callable[[ModelSpec], None] | None = None
 
     def load(self, spec: ModelSpec) -> ServedModel:
         """Create and warm up the session (blocking: call it off the event loop)."""
+        if self.before_load is not None:
+            self.before_load(spec)
         loaded = runtime.load(spec, self.device_plan, self.threads, self.settings.no_compute)
         runner = self.wrap_runner(loaded.runner) if self.wrap_runner else loaded.runner
         limits = limits_for(spec, self.settings)

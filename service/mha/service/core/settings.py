@@ -46,6 +46,7 @@ class Settings:
     batch_policy: str = "bucket"
     max_padding_fraction: float | None = None  # None: by device (server.padding_for)
     port_file: Path | None = None  # write the bound gRPC port here (useful with port 0)
+    metrics_port_file: Path | None = None  # write the bound metrics port here (port 0)
     no_compute: bool = False  # benchmark floor: decode + validate, answer zeros
 
     def __post_init__(self) -> None:
@@ -145,6 +146,8 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_padding_fraction", "MHA_MAX_PADDING_FRACTION", float,
          "padded tokens / all tokens allowed in one batch (default: 0 on CPU, 0.25 on CUDA)"),
     Spec("port_file", "MHA_PORT_FILE", Path, "write the bound gRPC port to this file"),
+    Spec("metrics_port_file", "MHA_METRICS_PORT_FILE", Path,
+         "write the bound metrics port to this file (before the gRPC port file)"),
     Spec("no_compute", "MHA_NO_COMPUTE", _bool,
          "benchmark floor: validate requests, answer zeros without running the model"),
 )  # fmt: skip

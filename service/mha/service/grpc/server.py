@@ -24,6 +24,7 @@ from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service.core import devices, repository
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.models import Loader, ModelTable
+from mha.service.core.repository import ModelSpec
 from mha.service.core.scheduling import Runner
 from mha.service.core.settings import Settings
 from mha.service.core.stats import Statistics, StatsMetrics
@@ -63,10 +64,14 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 class Server:
-    """One serving process's parts. `wrap_runner` lets tests put a runner in front of ORT."""
+    """One serving process's parts; wrap_runner and before_load: see core.models.Loader."""
 
     def __init__(
-        self, settings: Settings, *, wrap_runner: Callable[[Runner], Runner] | None = None
+        self,
+        settings: Settings,
+        *,
+        wrap_runner: Callable[[Runner], Runner] | None = None,
+        before_load: Callable[[ModelSpec], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = StatsMetrics(Statistics())
@@ -78,6 +83,7 @@ class Server:
             executor=self.executor,
             metrics=self.metrics,
             wrap_runner=wrap_runner,
+            before_load=before_load,
         )
         table = ModelTable(repository.scan(settings.repository))
         self.plane = DataPlane(table, self.metrics, loader)
@@ -109,6 +115,8 @@ class Server:
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+            if self.settings.metrics_port_file is not None:
+                write_port_file(self.settings.metrics_port_file, self.metrics_port)
         if self.settings.port_file is not None:
             write_port_file(self.settings.port_file, self.port)
         return self.port
@@ -159,9 +167,9 @@ class Server:
         await server.stop(max(0.0, end - time.monotonic()))
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, server: Server | None = None) -> None:
     """Run until SIGTERM/SIGINT, then drain and stop (the `mha serve` main loop)."""
-    server = Server(settings)
+    server = server or Server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
