@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mha.cli import CliError
+from mha.errors import CliError
 from mha.export import TOLERANCE, bench
+from mha.export.bench_contestants import Case
 from mha.export.bench_plot import (
     OURS,
     TORCH,
@@ -125,10 +126,10 @@ def test_repository_exports_are_reused_and_one_thread_reports_cpu_time(quick):
 
 
 def test_padded_case_pads_the_last_quarter_of_every_sample():
-    query, mask = bench.Case(2, 16, padded=True).inputs(8)
+    query, mask = Case(2, 16, padded=True).inputs(8)
     assert query.shape == (2, 16, 8) and query.dtype.name == "float32"
     assert mask is not None and mask[:, 12:].all() and not mask[:, :12].any()
-    assert bench.Case(2, 16, padded=False).inputs(8)[1] is None
+    assert Case(2, 16, padded=False).inputs(8)[1] is None
 
 
 def row(case: str, contestant: str, ms: float, b: int = 1, length: int = 16) -> dict:

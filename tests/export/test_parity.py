@@ -8,6 +8,7 @@ import pytest
 
 from mha.export import ExportOptions
 from mha.export.cases import ParityCase, parity_cases
+from mha.export.onnx_graph import op_counts
 from mha.export.options import TARGETS
 from mha.export.sources import load_source
 from mha.export.validate import check_case, check_structure
@@ -78,3 +79,14 @@ def test_graph_holds_exactly_one_fused_node(exported, sessions, target, kind):
     assert fused == [(domain, op_type)]
     softmax = ops.count(("", "Softmax"))
     assert softmax == (1 if target == "ort" and "attention_weights" in fields else 0)
+
+
+@pytest.mark.parametrize("target", ["ort", "onnx"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fused_graph_zeroes_rows_from_the_padding_mask_alone(exported, sessions, target, kind):
+    """No (B, 1, L, S) allowed-mask around the fused node: its causal part would show as
+    Trilu/And, and a reduction of it over S as a second ReduceMax."""
+    _, model = session_for(exported, sessions, target, "fp32", KINDS[kind])
+    ops = op_counts(model)
+    assert "Trilu" not in ops and "And" not in ops, ops
+    assert ops.get("ReduceMax", 0) <= 1, ops

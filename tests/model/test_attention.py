@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mha.model import AttentionConfig, MultiHeadAttention, default_model, seeded_model
+from mha.model.attention import allowed_mask, rows_with_keys
 
 
 def manual_attention(module: MultiHeadAttention, query, key, value, key_padding_mask=None):
@@ -88,3 +89,37 @@ def test_default_model_is_deterministic():
     for (name, ta), tb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(ta, tb), name
     assert not torch.equal(default_model(seed=1).q_proj.weight, a.q_proj.weight)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rows_with_keys_agrees_with_the_full_mask(causal):
+    """The zeroing reads the (B, S) mask alone; it must pick the rows the (B, 1, L, S) mask
+    leaves without any key."""
+    mask = torch.zeros(4, 6, dtype=torch.bool)
+    mask[1, 2:] = True
+    mask[2] = True
+    mask[3, :4] = True  # left padding: with causal, rows 0..3 see no key
+    q = torch.zeros(4, 6, 8)
+    allowed = allowed_mask(q, q, mask, causal)  # (B, 1, L, S)
+    want = allowed.any(-1).transpose(1, 2)  # (B, L, 1)
+    got = rows_with_keys(mask, causal).expand_as(want)
+    assert torch.equal(got, want)
+
+
+def test_forward_with_runs_the_given_core():
+    module = seeded_model(AttentionConfig(32, 4))
+    x = torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1] = True
+    seen = []
+
+    def core(q, k, v, key_padding_mask):
+        seen.append((q.shape, k.shape, key_padding_mask))
+        return module.core(explicit=True)(q, k, v, key_padding_mask)
+
+    with torch.no_grad():
+        out, weights = module.forward_with(core, x, x, x, mask)
+        want, want_weights = module(x, key_padding_mask=mask, need_weights=True)
+    assert seen == [((2, 5, 32), (2, 5, 32), mask)]
+    assert torch.equal(out, want) and weights is not None and torch.equal(weights, want_weights)
+    assert torch.count_nonzero(out[1]) == 0

@@ -1,7 +1,7 @@
 """ONNX export with one fused attention node, and its parity validation."""
 
+from mha.export.failures import ExportValidationError
 from mha.export.options import TARGETS, TOLERANCE, ExportOptions
-from mha.export.validate import ExportValidationError
 
 
 def export_model(*args, **kwargs):

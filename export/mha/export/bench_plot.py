@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mha.tables import markdown_table
+
 # Issue 2 section 5: `ort` speed-up over torch nn.MultiheadAttention per (B, L), both masks.
 REQUIRED_VS_TORCH: dict[tuple[int, int], float] = {
     (1, 16): 1.5,
@@ -69,8 +71,6 @@ def target(row: dict, versus: str, required: float) -> dict:
 
 def results_table(rows: list[dict]) -> str:
     """One line per case and contestant."""
-    from mha.export.report import table
-
     header = ["case", "contestant", "median ms", "p10 ms", "p90 ms", "max abs err"]
     header += ["vs torch", "vs none", "cpu ms (1 thread)", "others busy"]
     body = [
@@ -90,7 +90,7 @@ def results_table(rows: list[dict]) -> str:
         ]
         for r in rows
     ]
-    return table(header, body)
+    return markdown_table(header, body)
 
 
 def target_lines(checks: list[dict]) -> str:

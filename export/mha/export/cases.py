@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mha import contract
+from mha.export.signature import contract_dims
 from mha.model.config import AttentionConfig
 
 PADDINGS = ("none", "padded", "full")  # full = one sample entirely padded
@@ -31,13 +33,14 @@ class ParityCase:
     ) -> dict[str, np.ndarray]:
         """fp32 query (and key, value) and the bool key_padding_mask, by graph input name."""
         rng = np.random.default_rng(seed)
-        source = self.length if self_attention else self.source
-        feeds = {"query": rng.standard_normal((self.batch, self.length, config.d_model))}
-        if not self_attention:
-            feeds["key"] = rng.standard_normal((self.batch, source, config.key_dim))
-            feeds["value"] = rng.standard_normal((self.batch, source, config.value_dim))
-        arrays = {k: v.astype(np.float32) for k, v in feeds.items()}
-        arrays["key_padding_mask"] = self.mask(source, rng)
+        dims, sizes = contract_dims(config), {"B": self.batch, "L": self.length, "S": self.source}
+        arrays = {}
+        for t in contract.inputs(self_attention):  # in contract order: the rng draws in it
+            shape = contract.concrete_shape(t, dims, self_attention, sizes)
+            if t.datatype == contract.BOOL:
+                arrays[t.name] = self.mask(shape[1], rng)
+            else:
+                arrays[t.name] = rng.standard_normal(shape).astype(np.float32)
         return arrays
 
     def mask(self, source: int, rng: np.random.Generator) -> np.ndarray:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from mha.cli import CliError
+from mha.errors import CliError
 
 NOISY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch._dynamo", "torch.export")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     """Flags of `mha export`."""
     out = parser.add_argument_group("output")
     out.add_argument("--repository", type=Path, default=Path("models"), help="model repository")
@@ -124,8 +125,8 @@ def run(args: argparse.Namespace) -> int:
     require_export_extra("mha export")
     from mha.export import report
     from mha.export.exporter import export_model
+    from mha.export.failures import ExportValidationError
     from mha.export.repository import has_model
-    from mha.export.validate import ExportValidationError
     from mha.model.weights import WeightsError
 
     try:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,12 +17,15 @@ import onnxruntime as ort
 import onnxscript
 import torch
 
+from mha import contract
 from mha.export import repository, validate
 from mha.export.cases import parity_cases
+from mha.export.failures import ExportValidationError, ValidationFailure
 from mha.export.fused_ops import translation_table
 from mha.export.graph import build_graph
 from mha.export.onnx_graph import annotate_fused_outputs, drop_unused_outputs, name_io_axes
-from mha.export.options import EXPORT_SHAPE, TARGETS, TOLERANCE, ExportOptions
+from mha.export.options import TARGETS, TOLERANCE, ExportOptions
+from mha.export.signature import contract_dims, dynamic_shapes, example_inputs, io_shapes
 from mha.export.sources import WeightsSource, from_module, load_source
 from mha.model.attention import MultiHeadAttention
 
@@ -48,27 +53,6 @@ class ExportResult:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
 
-def example_inputs(module: MultiHeadAttention, self_attention: bool, dtype: torch.dtype):
-    """Trace-time inputs of EXPORT_SHAPE (never used for parity)."""
-    b, length, source = EXPORT_SHAPE["B"], EXPORT_SHAPE["L"], EXPORT_SHAPE["S"]
-    cfg = module.config
-    query = torch.randn(b, length, cfg.d_model, dtype=dtype)
-    if self_attention:
-        return (query, torch.zeros(b, length, dtype=torch.bool))
-    key = torch.randn(b, source, cfg.key_dim, dtype=dtype)
-    value = torch.randn(b, source, cfg.value_dim, dtype=dtype)
-    return (query, key, value, torch.zeros(b, source, dtype=torch.bool))
-
-
-def dynamic_shapes(self_attention: bool) -> tuple:
-    """Named dynamic axes: B, L and S independent (S is L in self-attention)."""
-    batch, length, source = (torch.export.Dim(n) for n in ("B", "L", "S"))
-    if self_attention:
-        return ({0: batch, 1: length}, {0: batch, 1: length})
-    seq = {0: batch, 1: source}
-    return ({0: batch, 1: length}, seq, seq, seq)
-
-
 def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with the target's fused-op translation."""
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
@@ -76,7 +60,7 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     graph = build_graph(
         module, options.self_attention, options.attention_weights, bool(target.node)
     )
-    args = example_inputs(module, options.self_attention, TORCH_DTYPE[options.dtype])
+    args = example_inputs(module.config, options.self_attention, TORCH_DTYPE[options.dtype])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -86,7 +70,7 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
             output_names=graph.output_names(),
             opset_version=target.opset,
             dynamo=True,
-            dynamic_shapes=dynamic_shapes(options.self_attention),
+            dynamic_shapes=dynamic_shapes(module.config, options.self_attention),
             custom_translation_table=translation_table(options.target),
             optimize=True,
             verbose=False,
@@ -95,24 +79,11 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     model = program.model_proto
     drop_unused_outputs(model)
     annotate_fused_outputs(model, ELEM_TYPE[options.dtype])
-    name_io_axes(model, io_shapes(source.module, options.self_attention))
+    name_io_axes(model, io_shapes(module.config, options.self_attention))
     return model
 
 
-def io_shapes(module: MultiHeadAttention, self_attention: bool) -> dict[str, list[str | int]]:
-    """The contract's shapes with named dynamic axes."""
-    cfg, s = module.config, "L" if self_attention else "S"
-    return {
-        "query": ["B", "L", cfg.d_model],
-        "key": ["B", "S", cfg.key_dim],
-        "value": ["B", "S", cfg.value_dim],
-        "key_padding_mask": ["B", s],
-        "output": ["B", "L", cfg.d_model],
-        "attention_weights": ["B", cfg.num_heads, "L", s],
-    }
-
-
-def structure_failures(model: onnx.ModelProto, options: ExportOptions) -> list[str]:
+def structure_failures(model: onnx.ModelProto, options: ExportOptions) -> list[ValidationFailure]:
     """onnx.checker, shape inference, names and the fused-node rule."""
     failures = validate.check_onnx(model)
     return failures + validate.check_structure(
@@ -131,18 +102,11 @@ def versions() -> dict[str, str]:
 
 
 def tensor_specs(options: ExportOptions, module: MultiHeadAttention) -> tuple[list, list]:
-    """Input and output specs for mha.json (-1 = dynamic)."""
-    cfg, dt = module.config, options.dtype.upper()
-    inputs = [{"name": "query", "datatype": dt, "shape": [-1, -1, cfg.d_model]}]
-    if not options.self_attention:
-        inputs.append({"name": "key", "datatype": dt, "shape": [-1, -1, cfg.key_dim]})
-        inputs.append({"name": "value", "datatype": dt, "shape": [-1, -1, cfg.value_dim]})
-    mask = {"name": "key_padding_mask", "datatype": "BOOL", "shape": [-1, -1], "optional": True}
-    outputs = [{"name": "output", "datatype": dt, "shape": [-1, -1, cfg.d_model]}]
-    if options.attention_weights:
-        shape = [-1, cfg.num_heads, -1, -1]
-        outputs.append({"name": "attention_weights", "datatype": dt, "shape": shape})
-    return [*inputs, mask], outputs
+    """Input and output specs for mha.json (-1 = dynamic), from the tensor contract."""
+    dims = contract_dims(module.config)
+    return contract.json_specs(
+        dims, options.self_attention, options.attention_weights, options.dtype.upper()
+    )
 
 
 def model_config(options, source, results) -> dict:
@@ -210,40 +174,52 @@ def export_model(
         model = trace(source, options)
     with timer.step(3, "check graph (onnx.checker, shape inference, fused node)"):
         failures = structure_failures(model, options)
+    config, results, files = install_validated(model, options, source, failures, timer)
+    seconds = time.perf_counter() - start
+    return ExportResult(options, options.model_dir, files, config, results, seconds, timer.seconds)
+
+
+def install_validated(
+    model: onnx.ModelProto,
+    options: ExportOptions,
+    source: WeightsSource,
+    failures: list[ValidationFailure],
+    timer: StepTimer,
+) -> tuple[dict, list[validate.CaseResult], list[Path]]:
+    """Write into a staging folder, check parity there, install only when nothing failed.
+
+    Returns mha.json's document, the parity results and the installed files.
+    """
     staging = repository.staging_dir(options.model_dir)
     try:
         with timer.step(4, "write model files"):
             config = model_config(options, source, [])
             files = repository.write_version(model, config, staging, options.external_data)
-        cases = parity_cases(options.self_attention)
-        with timer.step(5, f"parity vs eager PyTorch on {len(cases)} shapes"):
-            session = ort.InferenceSession(
-                str(staging / repository.MODEL_FILE), providers=["CPUExecutionProvider"]
-            )
-            results = validate.check_parity(
-                session, source.module, cases, options.self_attention, options.dtype
-            )
-        failures += validate.parity_failures(results)
+        results = staged_parity(staging, options, source, timer)
+        failures = [*failures, *validate.parity_failures(results)]
         if failures:
-            raise validate.ExportValidationError(failures)
+            raise ExportValidationError(failures)
         config = model_config(options, source, results)
         files = repository.write_version(model, config, staging, options.external_data)
         repository.install(staging, options.model_dir)
     finally:
         if staging.exists():
-            import shutil
-
             shutil.rmtree(staging, ignore_errors=True)
-    final_files = [options.model_dir / f.name for f in files]
-    return ExportResult(
-        options,
-        options.model_dir,
-        final_files,
-        config,
-        results,
-        time.perf_counter() - start,
-        timer.seconds,
-    )
+    return config, results, [options.model_dir / f.name for f in files]
+
+
+def staged_parity(
+    staging: Path, options: ExportOptions, source: WeightsSource, timer: StepTimer
+) -> list[validate.CaseResult]:
+    """Step 5: the staged model.onnx on ONNX Runtime CPU vs eager, on the parity cases."""
+    cases = parity_cases(options.self_attention)
+    with timer.step(5, f"parity vs eager PyTorch on {len(cases)} shapes"):
+        session = ort.InferenceSession(
+            str(staging / repository.MODEL_FILE), providers=["CPUExecutionProvider"]
+        )
+        return validate.check_parity(
+            session, source.module, cases, options.self_attention, options.dtype
+        )
 
 
 class StepTimer:
@@ -253,16 +229,12 @@ class StepTimer:
         self.say = say
         self.seconds: dict[str, float] = {}
 
-    def step(self, number: int, title: str):
-        import contextlib
-
-        @contextlib.contextmanager
-        def run():
-            self.say(f"[{number}/{STEPS}] {title} ...")
-            begin = time.perf_counter()
-            yield
-            took = time.perf_counter() - begin
-            self.seconds[title] = took
-            self.say(f"[{number}/{STEPS}] {title}: done in {took:.2f} s")
-
-        return run()
+    @contextlib.contextmanager
+    def step(self, number: int, title: str) -> Iterator[None]:
+        """Announce step `number`, run the body, announce how long it took."""
+        self.say(f"[{number}/{STEPS}] {title} ...")
+        begin = time.perf_counter()
+        yield
+        took = time.perf_counter() - begin
+        self.seconds[title] = took
+        self.say(f"[{number}/{STEPS}] {title}: done in {took:.2f} s")

@@ -2,7 +2,8 @@
 
 The exporter sees `mha::attention` as one opaque call and the custom_translation_table turns
 it into exactly one fused node (torch.onnx's own lowering of SDPA fuses only in narrow cases,
-and post-hoc fusers find nothing in a dynamo export).
+and post-hoc fusers find nothing in a dynamo export). Run eagerly, the op is the model's own
+attention core (mha.model.attention.attend): the math lives in model/ only.
 """
 
 from __future__ import annotations
@@ -15,29 +16,7 @@ from onnxscript import opset23 as op23
 from torch import Tensor
 
 from mha.export.contrib_schema import register_contrib_schema
-from mha.model.reference import reference_attention
-
-
-def _split(x: Tensor, num_heads: int) -> Tensor:
-    b, t, e = x.shape
-    return x.view(b, t, num_heads, e // num_heads).transpose(1, 2)  # (B, h, T, d)
-
-
-def _allowed(key_padding_mask: Tensor, length: int, causal: bool) -> Tensor:
-    keep = ~key_padding_mask  # (B, S)
-    allowed = keep[:, None, None, :].expand(-1, 1, length, -1)  # (B, 1, L, S)
-    if causal:
-        allowed = allowed & torch.ones_like(allowed[0, 0]).tril()
-    return allowed
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_heads: int, causal: bool):
-    b, length, e = q.shape
-    allowed = _allowed(mask, length, causal)
-    heads, weights = reference_attention(
-        _split(q, num_heads), _split(k, num_heads), _split(v, num_heads), allowed
-    )
-    return heads.transpose(1, 2).reshape(b, length, e), weights
+from mha.model.attention import attend
 
 
 @torch.library.custom_op("mha::attention", mutates_args=())
@@ -45,7 +24,7 @@ def attention(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, num_heads: int, causal: bool
 ) -> Tensor:
     """Attention of projected q (B, L, E) and k, v (B, S, E); returns (B, L, E)."""
-    return _attend(q, k, v, key_padding_mask, num_heads, causal)[0]
+    return attend(q, k, v, key_padding_mask, num_heads, causal, explicit=True)[0]
 
 
 @attention.register_fake
@@ -58,7 +37,9 @@ def attention_weights(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, num_heads: int, causal: bool
 ) -> tuple[Tensor, Tensor]:
     """Like mha::attention, also returning the weights (B, h, L, S)."""
-    return _attend(q, k, v, key_padding_mask, num_heads, causal)
+    heads, weights = attend(q, k, v, key_padding_mask, num_heads, causal, explicit=True)
+    assert weights is not None  # the explicit path always returns them
+    return heads, weights
 
 
 @attention_weights.register_fake
@@ -70,15 +51,20 @@ def _attention_weights_fake(q, k, v, key_padding_mask, num_heads, causal):
 MSFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
-def ort_attention(q, k, v, key_padding_mask, num_heads: int, causal: bool):
-    """com.microsoft.MultiHeadAttention; the mask goes in as int32 (B, S), 1 = keep."""
+def _ort_node(q, k, v, key_padding_mask, num_heads: int, causal: bool):
+    """The MultiHeadAttention node's outputs (output, present_key, present_value, qk)."""
     register_contrib_schema("MultiHeadAttention")
     keep = op18.Cast(op18.Not(key_padding_mask), to=onnx.TensorProto.INT32)
     # torch's tracer gives the node every output of the schema; unused ones are blanked
-    # after export (exporter.drop_unused_outputs), so ORT never computes them.
-    out, _, _, _ = MSFT.MultiHeadAttention(
+    # after export (onnx_graph.drop_unused_outputs), so ORT never computes them.
+    return MSFT.MultiHeadAttention(
         q, k, v, None, keep, num_heads=num_heads, unidirectional=int(causal)
     )
+
+
+def ort_attention(q, k, v, key_padding_mask, num_heads: int, causal: bool):
+    """com.microsoft.MultiHeadAttention; the mask goes in as int32 (B, S), 1 = keep."""
+    out, _, _, _ = _ort_node(q, k, v, key_padding_mask, num_heads, causal)
     return out
 
 
@@ -88,11 +74,7 @@ def ort_attention_weights(q, k, v, key_padding_mask, num_heads: int, causal: boo
     `qk` holds the scaled, masked scores (B, h, L, S) before softmax, so this graph carries
     one Softmax on the weights branch; the output itself still comes from the fused node.
     """
-    register_contrib_schema("MultiHeadAttention")
-    keep = op18.Cast(op18.Not(key_padding_mask), to=onnx.TensorProto.INT32)
-    out, _, _, qk = MSFT.MultiHeadAttention(
-        q, k, v, None, keep, num_heads=num_heads, unidirectional=int(causal)
-    )
+    out, _, _, qk = _ort_node(q, k, v, key_padding_mask, num_heads, causal)
     return out, op18.Softmax(qk, axis=-1)
 
 
@@ -113,28 +95,30 @@ def _onnx_mask(q, k, key_padding_mask):
     return op23.Expand(keep, shape)
 
 
+def _onnx_node(q, k, v, key_padding_mask, num_heads: int, causal: bool, weights: bool):
+    """The Attention node's outputs (Y, present_key, present_value, qk_matmul_output)."""
+    mode = {"qk_matmul_output_mode": 3} if weights else {}  # 3 = after softmax: the weights
+    return op23.Attention(
+        q,
+        k,
+        v,
+        _onnx_mask(q, k, key_padding_mask),
+        q_num_heads=num_heads,
+        kv_num_heads=num_heads,
+        is_causal=int(causal),
+        **mode,
+    )
+
+
 def onnx_attention(q, k, v, key_padding_mask, num_heads: int, causal: bool):
     """ONNX Attention (opset 23), 3D inputs with q_num_heads/kv_num_heads."""
-    mask = _onnx_mask(q, k, key_padding_mask)
-    out, _, _, _ = op23.Attention(
-        q, k, v, mask, q_num_heads=num_heads, kv_num_heads=num_heads, is_causal=int(causal)
-    )
+    out, _, _, _ = _onnx_node(q, k, v, key_padding_mask, num_heads, causal, weights=False)
     return out
 
 
 def onnx_attention_weights(q, k, v, key_padding_mask, num_heads: int, causal: bool):
     """As onnx_attention, with the node's own weights output (qk_matmul_output_mode=3)."""
-    mask = _onnx_mask(q, k, key_padding_mask)
-    out, _, _, weights = op23.Attention(
-        q,
-        k,
-        v,
-        mask,
-        q_num_heads=num_heads,
-        kv_num_heads=num_heads,
-        is_causal=int(causal),
-        qk_matmul_output_mode=3,  # 3 = after softmax: the attention weights
-    )
+    out, _, _, weights = _onnx_node(q, k, v, key_padding_mask, num_heads, causal, weights=True)
     return out, weights
 
 

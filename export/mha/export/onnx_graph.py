@@ -90,7 +90,7 @@ def set_shape(value: onnx.ValueInfoProto, dims: list[str | int]) -> None:
 
 
 def name_io_axes(model: onnx.ModelProto, shapes: dict[str, list[str | int]]) -> None:
-    """Give graph inputs/outputs ARCHITECTURE.md's axis names (B, L, S).
+    """Give graph inputs/outputs the tensor contract's axis names (B, L, S; docs/architecture.md).
 
     The tracer names axes s0, s1, ... and ONNX shape inference of Attention's
     qk_matmul_output leaves the key axis as 0, so the contract's shapes are written here.

@@ -5,18 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from mha.export.exporter import ExportResult
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain aligned text table (Markdown-compatible)."""
-    cells = [[str(c) for c in header], *[[str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in cells
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+from mha.tables import markdown_table
 
 
 def parity_table(result: ExportResult) -> str:
@@ -30,7 +19,7 @@ def parity_table(result: ExportResult) -> str:
                 [case.case_id, e.output, f"{e.max_abs:.2e}", f"{e.max_rel:.2e}", bound, verdict]
             )
     header = ["case", "output", "max abs err", "max rel err", "tolerance", ""]
-    return "parity vs fp32 eager PyTorch (ONNX Runtime CPU):\n" + table(header, rows)
+    return "parity vs fp32 eager PyTorch (ONNX Runtime CPU):\n" + markdown_table(header, rows)
 
 
 def human_bytes(n: int) -> str:
@@ -62,4 +51,4 @@ def summary_table(results: Sequence[ExportResult]) -> str:
             ]
         )
     header = ["target", "node", "opset", "dtype", "kind", "size", "max abs err", "time"]
-    return table(header, rows)
+    return markdown_table(header, rows)

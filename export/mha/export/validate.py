@@ -1,7 +1,8 @@
 """Export-time validation: graph structure and eager-vs-ONNX Runtime parity.
 
 The same functions gate every export and back the parity tests, so they cannot drift apart.
-Every failure is gathered (names, then structure, then values) and raised as one error.
+Every failure is gathered (names, then structure, then values) as a typed
+mha.export.failures object; the exporter raises them all as one ExportValidationError.
 """
 
 from __future__ import annotations
@@ -14,18 +15,25 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from mha import contract
 from mha.export.cases import ParityCase
+from mha.export.failures import (
+    CheckerFailure,
+    DtypeMismatch,
+    FusedNodeInFallback,
+    FusedNodes,
+    GraphNames,
+    MissingOutput,
+    NonFinite,
+    RuntimeFailure,
+    ShapeMismatch,
+    SoftmaxCount,
+    ToleranceExceeded,
+    ValidationFailure,
+)
 from mha.export.onnx_graph import fused_nodes, op_counts
 from mha.export.options import RTOL, TARGETS, TOLERANCE
 from mha.model.attention import MultiHeadAttention
-
-
-class ExportValidationError(Exception):
-    """An export failed validation; `failures` lists every problem found."""
-
-    def __init__(self, failures: list[str]) -> None:
-        self.failures = failures
-        super().__init__("export validation failed:\n  " + "\n  ".join(failures))
 
 
 @dataclass
@@ -46,70 +54,60 @@ class OutputError:
 
 @dataclass
 class CaseResult:
-    """Parity of one case: an error per output, or a failure message."""
+    """Parity of one case: the figures per output, and every failure found."""
 
     case_id: str
     errors: list[OutputError] = field(default_factory=list)
-    failure: str | None = None
+    failures: list[ValidationFailure] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.failure is None and all(e.ok for e in self.errors)
+        return not self.failures
 
     def describe(self) -> str:
-        if self.failure:
-            return f"{self.case_id}: {self.failure}"
-        bad = [e for e in self.errors if not e.ok]
-        return f"{self.case_id}: " + "; ".join(
-            f"{e.output} max|diff| {e.max_abs:.3g} exceeds atol {e.atol:g} + rtol {e.rtol:g}"
-            f"*|eager| ({e.worst:.2f}x the bound)"
-            for e in bad
-        )
+        return "; ".join(str(f) for f in self.failures) or f"{self.case_id}: ok"
 
 
-def expected_io(self_attention: bool, weights: bool) -> tuple[list[str], list[str]]:
-    """Input and output names of an export (ARCHITECTURE.md's tensor contract)."""
-    inputs = ["query", "key_padding_mask"]
-    if not self_attention:
-        inputs = ["query", "key", "value", "key_padding_mask"]
-    return inputs, ["output", "attention_weights"] if weights else ["output"]
+def name_failures(
+    model: onnx.ModelProto, self_attention: bool, weights: bool
+) -> list[ValidationFailure]:
+    """Graph inputs and outputs against the tensor contract's names (mha.contract), in order."""
+    failures: list[ValidationFailure] = []
+    for role, values, expected in (
+        ("inputs", model.graph.input, contract.input_names(self_attention)),
+        ("outputs", model.graph.output, contract.output_names(weights)),
+    ):
+        found = tuple(v.name for v in values)
+        if found != expected:
+            failures.append(GraphNames(role, found, expected))
+    return failures
 
 
 def check_structure(
     model: onnx.ModelProto, target: str, self_attention: bool, weights: bool
-) -> list[str]:
+) -> list[ValidationFailure]:
     """Names, fused-node count and Softmax rule; an empty list when all is well."""
-    failures = []
-    inputs, outputs = expected_io(self_attention, weights)
-    got_in = [i.name for i in model.graph.input]
-    got_out = [o.name for o in model.graph.output]
-    if got_in != inputs:
-        failures.append(f"graph inputs {got_in}, expected {inputs}")
-    if got_out != outputs:
-        failures.append(f"graph outputs {got_out}, expected {outputs}")
-    counts = op_counts(model)
+    failures = name_failures(model, self_attention, weights)
     fused = fused_nodes(model)
-    softmax = counts.get("Softmax", 0)
     if target == "none":
-        if fused:
-            failures.append(f"target none has {len(fused)} fused attention node(s)")
-        return failures
+        return failures + ([FusedNodeInFallback(len(fused))] if fused else [])
     wanted = TARGETS[target].node
-    names = [f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in fused]
-    if names != [wanted]:
-        failures.append(f"fused attention nodes {names}, expected exactly one {wanted}")
+    names = tuple(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in fused)
+    if names != (wanted,):
+        failures.append(FusedNodes(names, wanted))
+    softmax = op_counts(model).get("Softmax", 0)
     allowed_softmax = 1 if weights and not TARGETS[target].keeps_fused_weights else 0
     if softmax != allowed_softmax:
-        failures.append(f"{softmax} Softmax node(s) in the graph, expected {allowed_softmax}")
+        failures.append(SoftmaxCount(softmax, allowed_softmax))
     return failures
 
 
-def check_onnx(model: onnx.ModelProto) -> list[str]:
+def check_onnx(model: onnx.ModelProto) -> list[ValidationFailure]:
     """onnx.checker and strict shape inference."""
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:  # onnx raises ValidationError / InferenceError
-        return [f"onnx.checker: {err}"]
+        return [CheckerFailure(str(err))]
     return []
 
 
@@ -118,18 +116,18 @@ def eager_outputs(
 ) -> dict[str, np.ndarray]:
     """fp32 eager answers for the graph inputs (reference path, per-head weights)."""
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
-    key = None if self_attention else t["key"].float()
-    value = None if self_attention else t["value"].float()
+    key = None if self_attention else t[contract.KEY].float()
+    value = None if self_attention else t[contract.VALUE].float()
     with torch.no_grad():
         out, weights = module(
-            t["query"].float(),
+            t[contract.QUERY].float(),
             key,
             value,
-            key_padding_mask=t["key_padding_mask"],
+            key_padding_mask=t[contract.KEY_PADDING_MASK],
             need_weights=True,
         )
     assert weights is not None
-    return {"output": out.numpy(), "attention_weights": weights.numpy()}
+    return {contract.OUTPUT: out.numpy(), contract.ATTENTION_WEIGHTS: weights.numpy()}
 
 
 def compare(
@@ -149,6 +147,23 @@ def compare(
     worst = float((diff / (atol + rtol * np.abs(want64))).max())
     scale = float(np.abs(want64).max())
     return OutputError(output, max_abs, max_abs / scale if scale else max_abs, atol, rtol, worst)
+
+
+def output_failure(
+    case_id: str, error: OutputError, got: np.ndarray, want: np.ndarray, dtype: np.dtype
+) -> ValidationFailure | None:
+    """What is wrong with one output, most basic first: shape, dtype, non-finite, values."""
+    if got.shape != want.shape:
+        return ShapeMismatch(case_id, error.output, tuple(got.shape), tuple(want.shape))
+    if got.dtype != dtype:
+        return DtypeMismatch(case_id, error.output, str(got.dtype), str(dtype))
+    if not np.isfinite(got).all():
+        return NonFinite(case_id, error.output, int((~np.isfinite(got)).sum()))
+    if not error.ok:
+        return ToleranceExceeded(
+            case_id, error.output, error.max_abs, error.atol, error.rtol, error.worst
+        )
+    return None
 
 
 def reference_module(module: MultiHeadAttention, dtype: str) -> MultiHeadAttention:
@@ -176,21 +191,22 @@ def check_case(
     """
     case_id = case.id(self_attention)
     feeds = case.inputs(module.config, self_attention)
-    float_type = np.float16 if dtype == "fp16" else np.float32
+    float_type = np.dtype(np.float16 if dtype == "fp16" else np.float32)
     ort_feeds = {k: v.astype(float_type) if v.dtype != bool else v for k, v in feeds.items()}
     # eager sees the same (rounded) inputs that ORT sees, so only the math is compared
     eager_feeds = {k: v.astype(np.float32) if v.dtype != bool else v for k, v in ort_feeds.items()}
-    names = [o.name for o in session.get_outputs()]
-    expected = [n for n in ("output", "attention_weights") if n in names]
-    if "output" not in names:
-        return CaseResult(case_id, failure=f"no output named 'output' (outputs {names})")
+    names = tuple(o.name for o in session.get_outputs())
+    expected = [n for n in contract.output_names(attention_weights=True) if n in names]
+    if contract.OUTPUT not in names:
+        return CaseResult(case_id, failures=[MissingOutput(case_id, contract.OUTPUT, names)])
     try:
         got = dict(zip(expected, session.run(expected, ort_feeds), strict=True))
     except Exception as err:  # ORT raises its own Fail/InvalidArgument types
-        return CaseResult(case_id, failure=f"onnxruntime failed: {err}")
+        return CaseResult(case_id, failures=[RuntimeFailure(case_id, str(err))])
     want = eager_outputs(reference_module(module, dtype), eager_feeds, self_attention)
     errors = [compare(n, got[n], want[n], TOLERANCE[dtype], RTOL[dtype]) for n in expected]
-    return CaseResult(case_id, errors)
+    found = (output_failure(case_id, e, got[e.output], want[e.output], float_type) for e in errors)
+    return CaseResult(case_id, errors, [f for f in found if f is not None])
 
 
 def check_parity(
@@ -204,9 +220,9 @@ def check_parity(
     return [check_case(session, module, c, self_attention, dtype) for c in cases]
 
 
-def parity_failures(results: list[CaseResult]) -> list[str]:
-    """One line per failed case."""
-    return [r.describe() for r in results if not r.ok]
+def parity_failures(results: list[CaseResult]) -> list[ValidationFailure]:
+    """Every failure of every case, in case order."""
+    return [f for r in results for f in r.failures]
 
 
 def max_errors(results: list[CaseResult]) -> tuple[dict[str, float], dict[str, float]]:

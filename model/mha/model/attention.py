@@ -1,9 +1,16 @@
 """Multi-head attention: MultiHead(Q, K, V) = Concat(head_1..head_h) W^O.
 
 head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V), Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V.
+
+`MultiHeadAttention.forward_with` is the block around an attention core (W^Q, W^K, W^V, the
+core, W^O, zero rows with no key); eager runs it with `attend`, the export runs the same
+method with the core swapped for one fused node (mha.export.graph).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +18,10 @@ from torch import Tensor, nn
 
 from mha.model.config import AttentionConfig
 from mha.model.reference import reference_attention
+
+# core(q (B, L, E), k (B, S, E), v (B, S, E), key_padding_mask (B, S) or None)
+#   -> (heads merged back to (B, L, E), weights (B, h, L, S) or None)
+AttentionCore = Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
 
 
 class MultiHeadAttention(nn.Module):
@@ -46,11 +57,37 @@ class MultiHeadAttention(nn.Module):
         explicit matmul/softmax path instead of F.scaled_dot_product_attention.
         """
         key, value = self.resolve_inputs(query, key, value)
-        q, k, v = self.project(query, key, value)
-        allowed = self.allowed_mask(query.shape[1], key.shape[1], key_padding_mask, query)
-        heads, weights = self.attend(q, k, v, allowed, need_weights or use_reference)
-        out = self.out_proj(self.merge_heads(heads))
-        return zero_masked_rows(out, allowed), weights if need_weights else None
+        if key_padding_mask is not None:
+            check_mask(key_padding_mask, query.shape[0], key.shape[1])
+        core = self.core(explicit=need_weights or use_reference)
+        out, weights = self.forward_with(core, query, key, value, key_padding_mask)
+        return out, weights if need_weights else None
+
+    def forward_with(
+        self,
+        core: AttentionCore,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block around an attention core: W^Q, W^K, W^V, the core, W^O, zero empty rows.
+
+        Returns the output (B, L, E) and the core's weights (B, h, L, S) or None; rows of
+        queries that may attend no key are zero in both.
+        """
+        q = self.q_proj(query)  # (B, L, E)
+        k, v = self.k_proj(key), self.v_proj(value)  # (B, S, E)
+        heads, weights = core(q, k, v, key_padding_mask)  # (B, L, E), (B, h, L, S) or None
+        out = self.out_proj(heads)  # (B, L, E)
+        return zero_rows_without_keys(out, weights, key_padding_mask, self.config.causal)
+
+    def core(self, explicit: bool) -> AttentionCore:
+        """This block's eager attention core: the reference path if explicit, else SDPA."""
+        cfg = self.config
+        return functools.partial(
+            attend, num_heads=cfg.num_heads, causal=cfg.causal, explicit=explicit
+        )
 
     def resolve_inputs(
         self, query: Tensor, key: Tensor | None, value: Tensor | None
@@ -63,44 +100,54 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         return key, key if value is None else value
 
-    def project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Apply W^Q, W^K, W^V: (B, L, E), (B, S, E), (B, S, E)."""
-        return self.q_proj(query), self.k_proj(key), self.v_proj(value)
 
-    def split_heads(self, x: Tensor) -> Tensor:
-        """(B, T, E) -> (B, h, T, d)."""
-        b, t, _ = x.shape
-        return x.view(b, t, self.config.num_heads, self.config.head_dim).transpose(1, 2)
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    num_heads: int,
+    causal: bool,
+    explicit: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """The attention core: per-head attention of projected q (B, L, E) and k, v (B, S, E).
 
-    def merge_heads(self, x: Tensor) -> Tensor:
-        """(B, h, T, d) -> (B, T, E): Concat(head_1..head_h)."""
-        b, _, t, _ = x.shape
-        return x.transpose(1, 2).reshape(b, t, self.config.d_model)
+    Returns the heads merged back to (B, L, E) and, on the explicit (reference) path only,
+    the weights (B, h, L, S). An export replaces this function by one fused node.
+    """
+    allowed = allowed_mask(q, k, key_padding_mask, causal)  # (B, 1, L, S)
+    qh, kh, vh = (split_heads(x, num_heads) for x in (q, k, v))  # (B, h, L|S, d)
+    if explicit:
+        heads, weights = reference_attention(qh, kh, vh, allowed)
+    else:
+        heads, weights = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed), None
+    return merge_heads(heads), weights
 
-    def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, explicit: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """Per-head attention on projected (B, T, E) tensors; weights only on the explicit path."""
-        qh, kh, vh = self.split_heads(q), self.split_heads(k), self.split_heads(v)  # (B, h, T, d)
-        if explicit:
-            return reference_attention(qh, kh, vh, allowed)
-        return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=allowed), None
 
-    def allowed_mask(
-        self, length: int, source_length: int, key_padding_mask: Tensor | None, like: Tensor
-    ) -> Tensor:
-        """(B, 1, L, S) bool: True where query l may attend key s."""
-        b = like.shape[0]
-        if key_padding_mask is None:
-            keep = torch.ones(b, source_length, dtype=torch.bool, device=like.device)
-        else:
-            check_mask(key_padding_mask, b, source_length)
-            keep = ~key_padding_mask
-        allowed = keep[:, None, None, :].expand(b, 1, length, source_length)
-        if self.config.causal:
-            causal = torch.ones(length, source_length, dtype=torch.bool, device=like.device)
-            allowed = allowed & causal.tril()
-        return allowed
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, E) -> (B, h, T, d)."""
+    b, t, e = x.shape
+    return x.view(b, t, num_heads, e // num_heads).transpose(1, 2)  # (B, h, T, d)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, h, T, d) -> (B, T, E): Concat(head_1..head_h)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)  # (B, T, E)
+
+
+def allowed_mask(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, causal: bool) -> Tensor:
+    """(B, 1, L, S) bool: True where query l of q (B, L, E) may attend key s of k (B, S, E)."""
+    (b, length, _), source_length = q.shape, k.shape[1]
+    if key_padding_mask is None:
+        keep = torch.ones(b, source_length, dtype=torch.bool, device=q.device)
+    else:
+        keep = ~key_padding_mask  # (B, S)
+    allowed = keep[:, None, None, :].expand(b, 1, length, source_length)  # (B, 1, L, S)
+    if causal:
+        causal_mask = torch.ones(length, source_length, dtype=torch.bool, device=q.device)
+        allowed = allowed & causal_mask.tril()
+    return allowed
 
 
 def check_mask(mask: Tensor, batch: int, source_length: int) -> None:
@@ -114,7 +161,26 @@ def check_mask(mask: Tensor, batch: int, source_length: int) -> None:
         )
 
 
-def zero_masked_rows(out: Tensor, allowed: Tensor) -> Tensor:
-    """Zero the output rows (B, L, E) whose query may attend no key."""
-    has_key = allowed.any(-1).transpose(1, 2)  # (B, L, 1)
-    return torch.where(has_key, out, torch.zeros_like(out))
+def rows_with_keys(key_padding_mask: Tensor, causal: bool) -> Tensor:
+    """Query rows that may attend at least one key: (B, L, 1) when causal, else (B, 1, 1).
+
+    Read from the (B, S) mask alone, never from a (B, 1, L, S) one, so that an exported
+    graph around a fused attention node stays small.
+    """
+    keep = ~key_padding_mask  # (B, S)
+    if causal:  # self-attention (S = L): row l sees keys 0..l
+        return (torch.cumsum(keep.to(torch.int32), dim=1) > 0).unsqueeze(-1)  # (B, L, 1)
+    return keep.any(dim=1, keepdim=True).unsqueeze(-1)  # (B, 1, 1), broadcasts over L
+
+
+def zero_rows_without_keys(
+    out: Tensor, weights: Tensor | None, key_padding_mask: Tensor | None, causal: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Zero the output rows (B, L, E) and weight rows (B, h, L, S) of queries with no key."""
+    if key_padding_mask is None:  # nothing padded: every query may attend key 0
+        return out, weights
+    rows = rows_with_keys(key_padding_mask, causal)  # (B, L|1, 1)
+    out = torch.where(rows, out, torch.zeros_like(out))
+    if weights is not None:
+        weights = torch.where(rows.unsqueeze(1), weights, torch.zeros_like(weights))
+    return out, weights
