@@ -27,14 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MASK = "key_padding_mask"
-# Which padded length each graph input's axis 1 takes ("L" = query length, "S" = key length).
-_INPUT_AXIS = {"query": "L", "key": "S", "value": "S", MASK: "S"}
-# Per output: the padded length on each axis after the batch axis (None = not padded).
-_OUTPUT_AXES: dict[str, tuple[str | None, ...]] = {
-    "output": ("L",),
-    "attention_weights": (None, "L", "S"),  # (B, h, L, S)
-}
+from mha import contract
+
+MASK = contract.KEY_PADDING_MASK
 
 # Policy names; mha.service.core.batching's docstring has what each does and its trade-off.
 POLICIES = ("bucket", "cap", "fifo")
@@ -51,7 +46,7 @@ class Shape:
 
 def shape_of(inputs: Mapping[str, np.ndarray]) -> Shape:
     """Shape of a job from its inputs (the mask is always present: its width is S)."""
-    query = inputs["query"]
+    query = inputs[contract.QUERY]
     return Shape(int(query.shape[0]), int(query.shape[1]), int(inputs[MASK].shape[1]))
 
 
@@ -179,9 +174,11 @@ def merge(jobs: Sequence[Mapping[str, np.ndarray]]) -> Merged:
         row += s.B
     feeds = {}
     for name, first in jobs[0].items():
-        if name not in _INPUT_AXIS:
-            raise ValueError(f"input {name!r} has no known sequence axis; cannot pad it")
-        width = lengths[_INPUT_AXIS[name]]
+        # The contract's own axis names (S stays S: a self-attention job has L == S).
+        axis = contract.tensor(name).sequence_axis(self_attention=False)
+        if axis is None:
+            raise ValueError(f"input {name!r} has no sequence axis; cannot pad it")
+        width = lengths[axis]
         if name == MASK:
             # True = padding: every position a job does not fill is ignored as a key.
             merged = np.ones((samples, width), dtype=first.dtype)
@@ -207,9 +204,7 @@ def split(
         lengths = {"L": shape.L, "S": shape.S}
         answer = {}
         for name in names:
-            axes = _OUTPUT_AXES.get(name)
-            if axes is None:
-                raise ValueError(f"output {name!r} has no known sequence axes; cannot split it")
+            axes = contract.tensor(name).padded_axes(self_attention=False)  # after B
             index = (
                 slice(i0, i1),
                 *(slice(None) if a is None else slice(lengths[a]) for a in axes),
