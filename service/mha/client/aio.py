@@ -10,12 +10,10 @@ from typing import Any
 import grpc
 import grpc.aio
 import numpy as np
-from grpc_health.v1 import health_pb2_grpc
 
 from mha.client import core
 from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, Call, ClientError, InferResult
 from mha.proto import grpc_predict_v2_pb2 as pb
-from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 class AsyncClient:
@@ -30,12 +28,10 @@ class AsyncClient:
     ) -> None:
         self.url = url
         self.timeout = timeout
-        options = core.channel_options(max_message_bytes)
-        self._channel = grpc.aio.insecure_channel(url, options=options)
-        self._stubs: dict[str, Any] = {
-            core.INFERENCE: pb_grpc.GRPCInferenceServiceStub(self._channel),
-            core.HEALTH: health_pb2_grpc.HealthStub(self._channel),
-        }
+        self._channel = grpc.aio.insecure_channel(
+            url, options=core.channel_options(max_message_bytes)
+        )
+        self._stubs = core.stubs(self._channel)
 
     async def run(self, call: Call, timeout: float | None = None) -> Any:
         """Send one Call and read its answer; ClientError if the RPC fails."""

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.aio
 import numpy as np
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service.grpc import codec
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # the server's default limit
@@ -69,6 +71,14 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+
+
+def stubs(channel: grpc.Channel | grpc.aio.Channel) -> dict[str, Any]:
+    """The stubs Calls go to, on one channel (sync or aio)."""
+    return {
+        INFERENCE: pb_grpc.GRPCInferenceServiceStub(channel),
+        HEALTH: health_pb2_grpc.HealthStub(channel),
+    }
 
 
 def infer_result(response: pb.ModelInferResponse, latency_s: float) -> InferResult:
