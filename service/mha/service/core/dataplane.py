@@ -11,14 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import onnxruntime as ort
 
 from mha import contract
-from mha.service.core import validation
+from mha.service.core import devices, repository, validation
 from mha.service.core.errors import ServiceError, Unavailable
 from mha.service.core.inference import InferRequest, InferResponse
 from mha.service.core.models import Loader, ModelTable, ServedModel
 from mha.service.core.repository import ModelSpec
-from mha.service.core.scheduling import InferenceJob
+from mha.service.core.scheduling import InferenceJob, Runner
+from mha.service.core.settings import Settings
 from mha.service.core.stats import StatsMetrics, VersionStats
 
 log = logging.getLogger(__name__)
@@ -45,6 +50,31 @@ class DataPlane:
         self.active = 0  # infer calls in progress (event loop only, no lock needed)
         self.last_call = 0.0  # time.monotonic() of the latest infer call
         self.refusing = False
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        executor: Executor,
+        metrics: StatsMetrics,
+        *,
+        wrap_runner: Callable[[Runner], Runner] | None = None,
+        before_load: Callable[[ModelSpec], None] | None = None,
+    ) -> DataPlane:
+        """The data plane of settings.repository (scanned now; load_all() loads it).
+
+        Session runs go to `executor`; wrap_runner and before_load: see models.Loader.
+        """
+        loader = Loader(
+            settings=settings,
+            device_plan=devices.plan(settings.device, ort.get_available_providers()),
+            threads=settings.threads or devices.default_threads(),
+            executor=executor,
+            metrics=metrics,
+            wrap_runner=wrap_runner,
+            before_load=before_load,
+        )
+        return cls(ModelTable(repository.scan(settings.repository)), metrics, loader)
 
     @property
     def ready(self) -> bool:

@@ -18,12 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import onnxruntime as ort
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from mha.service.core import devices, repository
 from mha.service.core.dataplane import DataPlane
-from mha.service.core.models import Loader, ModelTable
 from mha.service.core.repository import ModelSpec
 from mha.service.core.scheduling import Runner
 from mha.service.core.settings import Settings
@@ -76,17 +73,9 @@ class Server:
         self.settings = settings
         self.metrics = StatsMetrics(Statistics())
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="mha-run")
-        loader = Loader(
-            settings=settings,
-            device_plan=devices.plan(settings.device, ort.get_available_providers()),
-            threads=settings.threads or devices.default_threads(),
-            executor=self.executor,
-            metrics=self.metrics,
-            wrap_runner=wrap_runner,
-            before_load=before_load,
+        self.plane = DataPlane.create(
+            settings, self.executor, self.metrics, wrap_runner=wrap_runner, before_load=before_load
         )
-        table = ModelTable(repository.scan(settings.repository))
-        self.plane = DataPlane(table, self.metrics, loader)
         self.health = Health()
         self.servicer = InferenceServicer(self.plane, self.is_ready)
         self.draining = False
