@@ -18,7 +18,8 @@ from harness import link_repository
 @pytest.fixture(scope="module")
 def bench_repo(exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository holding one small self-attention model (d_model 64, 4 heads) as "tiny"."""
-    return link_repository(tmp_path_factory.mktemp("bench-repo"), exported, {"tiny": {"target": "ort"}})
+    root = tmp_path_factory.mktemp("bench-repo")
+    return link_repository(root, exported, {"tiny": {"target": "ort"}})
 
 
 def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from mha.service.core import settings
 K8S_VERSIONS = ("1.27", kubernetes_validate.utils.latest_version())
 EXPECTED_KINDS = {"ConfigMap", "Service", "Deployment", "HorizontalPodAutoscaler",
                   "PodDisruptionBudget"}  # fmt: skip
-READINESS_SERVICES = {"", "inference.GRPCInferenceService"}  # DEVELOPERS.md
+READINESS_SERVICES = {"", "inference.GRPCInferenceService"}  # docs/architecture.md, "The wire"
 LIVENESS_SERVICE = "liveness"
 
 

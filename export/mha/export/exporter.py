@@ -110,7 +110,7 @@ def tensor_specs(options: ExportOptions, module: MultiHeadAttention) -> tuple[li
 
 
 def model_config(options, source, results) -> dict:
-    """The mha.json document (DEVELOPERS.md, format 1)."""
+    """The mha.json document (docs/architecture.md, "Model repository format")."""
     cfg = source.module.config
     target = TARGETS[options.target]
     inputs, outputs = tensor_specs(options, source.module)

@@ -1,6 +1,6 @@
 """One exception hierarchy for everything the server refuses; each class carries its status.
 
-Status names are the gRPC ones (docs/architecture.md, "Status codes"), but this module
+Status names are the gRPC ones (docs/architecture.md, "The wire"), but this module
 imports no transport: the gRPC layer maps a Status to grpc.StatusCode by name in one place
 (mha.service.grpc.servicer). Messages go to the client verbatim, so they must name the
 tensor and the expected vs received value and never carry internals; anything that is not
