@@ -95,6 +95,37 @@ TENSORS = {
 KEY_SIDE = (KEY, VALUE, KEY_PADDING_MASK)  # inputs whose sequence axis is S
 
 
+# A sequence (KV cache) model's step graph: causal self-attention over T new tokens of each
+# of B sequences, given the projected keys and values of their P tokens so far. Sequences
+# of different lengths share a step: past rows are right-padded to the longest P, new rows
+# to the longest T, and key_padding_mask (over C = P + T: the past slots, then the new ones)
+# is True on every padded slot. The caller keeps each sequence's cache and appends the
+# new_key / new_value rows of its real new tokens to it.
+PAST_KEY = "past_key"
+PAST_VALUE = "past_value"
+NEW_KEY = "new_key"
+NEW_VALUE = "new_value"
+STEP_QUERY_TENSOR = Tensor(QUERY, ("B", "T", "E"))
+PAST_KEY_TENSOR = Tensor(PAST_KEY, ("B", "P", "E"))  # x W^K + b^K of each past token
+PAST_VALUE_TENSOR = Tensor(PAST_VALUE, ("B", "P", "E"))  # x W^V + b^V
+STEP_MASK_TENSOR = Tensor(KEY_PADDING_MASK, ("B", "C"), BOOL)  # C = P + T; always fed
+STEP_OUTPUT_TENSOR = Tensor(OUTPUT, ("B", "T", "E"))
+NEW_KEY_TENSOR = Tensor(NEW_KEY, ("B", "T", "E"))
+NEW_VALUE_TENSOR = Tensor(NEW_VALUE, ("B", "T", "E"))
+STEP_AXES = ("B", "T", "P", "C")  # the step graph's dynamic axes
+SEQUENCE_KIND = "causal_self_attention"
+
+
+def step_inputs() -> tuple[Tensor, ...]:
+    """A step graph's inputs in order: query, past_key, past_value, key_padding_mask."""
+    return (STEP_QUERY_TENSOR, PAST_KEY_TENSOR, PAST_VALUE_TENSOR, STEP_MASK_TENSOR)
+
+
+def step_outputs() -> tuple[Tensor, ...]:
+    """A step graph's outputs in order: output, new_key, new_value."""
+    return (STEP_OUTPUT_TENSOR, NEW_KEY_TENSOR, NEW_VALUE_TENSOR)
+
+
 def inputs(self_attention: bool) -> tuple[Tensor, ...]:
     """Graph inputs in order: query[, key, value], key_padding_mask."""
     if self_attention:

@@ -93,8 +93,8 @@ def torch_contestants(module) -> list[Contestant]:
     ]
 
 
-def session_options(threads: int):
-    """ORT options: the same thread count as torch; everything else ORT's defaults."""
+def ort_default_options(threads: int):
+    """ORT's default session options but the thread count (torch's); not the server's tuned ones."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -111,7 +111,7 @@ def ort_contestants(models: dict[str, Path], threads: int) -> list[Contestant]:
     contestants = []
     for target, path in models.items():
         session = ort.InferenceSession(
-            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+            str(path), ort_default_options(threads), providers=["CPUExecutionProvider"]
         )
 
         def prepare(query: np.ndarray, mask: np.ndarray | None, session=session) -> Call:
