@@ -35,7 +35,7 @@ def test_model_ready(running: RunningServer):
 def test_server_metadata_names_the_provider(running: RunningServer):
     response = running.stub.ServerMetadata(pb.ServerMetadataRequest())
     assert response.name == "mha-serve" and response.version
-    assert list(response.extensions) == ["statistics", "device:CPUExecutionProvider"]
+    assert list(response.extensions) == ["statistics", "sequence", "device:CPUExecutionProvider"]
 
 
 def test_model_metadata(running: RunningServer):

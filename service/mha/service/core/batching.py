@@ -48,9 +48,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -89,6 +90,30 @@ class BatchingOptions:
             )
 
 
+class RunShaper(Protocol):
+    """How jobs of one kind of model share a session run: who fits with whom, merge, split.
+
+    padding.AttentionRuns serves stateless attention models; decoding.StepRuns the steps of
+    sequence models.
+    """
+
+    def shape(self, inputs: Mapping[str, np.ndarray]) -> padding.Shape: ...
+
+    def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple: ...
+
+    def fraction(self, shapes: Sequence[padding.Shape]) -> float: ...
+
+    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> padding.Merged: ...
+
+    def split(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        jobs: Sequence[Mapping[str, np.ndarray]],
+        asked: Sequence[Sequence[str]],
+        spans: Sequence[tuple[int, int]],
+    ) -> list[dict[str, np.ndarray]]: ...
+
+
 @dataclass(eq=False)
 class _Pending:
     """A queued job and the future its submit() awaits."""
@@ -122,10 +147,12 @@ class BatchingScheduler:
         metrics: Metrics | None = None,
         labels: tuple[str, str] = ("", ""),
         executor: Executor | None = None,
+        runs: RunShaper | None = None,
     ) -> None:
         self._runner = runner
         self._options = options
         self._self_attention = self_attention
+        self._runs: RunShaper = runs or padding.AttentionRuns(self_attention)
         self._metrics = metrics
         self._labels = labels
         self._executor = executor
@@ -165,8 +192,8 @@ class BatchingScheduler:
         pending = _Pending(
             job,
             loop.create_future(),
-            padding.shape_of(job.inputs),
-            padding.compat_key(job.inputs, job.outputs),
+            self._runs.shape(job.inputs),
+            self._runs.key(job.inputs, job.outputs),
         )
         seq = self._seq
         self._seq += 1
@@ -318,16 +345,15 @@ class BatchingScheduler:
             outputs = self._runner(jobs[0].inputs, jobs[0].outputs)
             end = time.monotonic()
             return _Run([{n: outputs[n] for n in jobs[0].outputs}], start, end, 0.0)
-        merged = padding.merge([j.inputs for j in jobs])
+        runs = self._runs
+        merged = runs.merge([j.inputs for j in jobs])
         start = time.monotonic()
         outputs = self._runner(merged.feeds, jobs[0].outputs)
         end = time.monotonic()
-        answers = padding.split(
+        answers = runs.split(
             outputs, [j.inputs for j in jobs], [j.outputs for j in jobs], merged.spans
         )
-        fraction = padding.padding_fraction(
-            [padding.shape_of(j.inputs) for j in jobs], self._self_attention
-        )
+        fraction = runs.fraction([runs.shape(j.inputs) for j in jobs])
         return _Run(answers, start, end, fraction)
 
 

@@ -11,18 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 
+import numpy as np
 import onnxruntime as ort
 
 from mha import contract
-from mha.service.core import devices, repository, validation
-from mha.service.core.errors import ServiceError, Unavailable
+from mha.service.core import decoding, devices, repository, sequences, validation
+from mha.service.core.errors import InvalidArgument, ServiceError, Unavailable
 from mha.service.core.inference import InferRequest, InferResponse
 from mha.service.core.models import Loader, ModelTable, ServedModel
 from mha.service.core.repository import ModelSpec
-from mha.service.core.scheduling import InferenceJob, Runner
+from mha.service.core.scheduling import InferenceJob, JobResult, Runner
 from mha.service.core.settings import Settings
 from mha.service.core.stats import StatsMetrics, VersionStats
 
@@ -43,10 +44,19 @@ class DataPlane:
     the requests already in it (`active`) finish.
     """
 
-    def __init__(self, table: ModelTable, metrics: StatsMetrics, loader: Loader) -> None:
+    def __init__(
+        self,
+        table: ModelTable,
+        metrics: StatsMetrics,
+        loader: Loader,
+        store: sequences.SequenceStore | None = None,
+    ) -> None:
         self.table = table
         self.metrics = metrics
         self.loader = loader
+        self.sequences = store or sequences.SequenceStore(
+            sequences.SequenceLimits(sequences.machine_cache_bytes(), 1024, 300.0), metrics
+        )
         self.active = 0  # infer calls in progress (event loop only, no lock needed)
         self.last_call = 0.0  # time.monotonic() of the latest infer call
         self.refusing = False
@@ -74,7 +84,13 @@ class DataPlane:
             wrap_runner=wrap_runner,
             before_load=before_load,
         )
-        return cls(ModelTable(repository.scan(settings.repository)), metrics, loader)
+        limits = sequences.SequenceLimits(
+            cache_bytes=settings.kv_cache_bytes or sequences.machine_cache_bytes(),
+            max_sequences=settings.max_sequences,
+            idle_seconds=settings.sequence_idle_seconds,
+        )
+        store = sequences.SequenceStore(limits, metrics)
+        return cls(ModelTable(repository.scan(settings.repository)), metrics, loader, store)
 
     @property
     def ready(self) -> bool:
@@ -83,6 +99,10 @@ class DataPlane:
 
     def refuse_new(self) -> None:
         self.refusing = True
+
+    def session_closed(self, session: Hashable) -> int:
+        """A stream ended: end the sequences it started; return how many."""
+        return self.sequences.release_owner(session)
 
     async def load_all(self) -> int:
         """Load and warm up every model version off the event loop; return how many."""
@@ -145,13 +165,61 @@ class DataPlane:
     async def _infer(
         self, served: ServedModel, request: InferRequest, labels: tuple[str, str]
     ) -> InferResponse:
-        decoded = validation.decode(request, served.spec, served.limits)
-        job = InferenceJob(
-            request_id=request.id,
-            inputs=decoded.inputs,
-            outputs=decoded.outputs,
-            deadline=request.deadline,
+        spec = served.spec
+        control = sequences.sequence_control(request.parameters, spec.name)
+        if spec.sequence is not None:
+            return await self._step(served, request, labels, control)
+        if control is not None:
+            raise InvalidArgument(
+                f"model {spec.name!r} is not a sequence model, so it takes no sequence_id "
+                f"(a model exported with --kv-cache decodes sequences)"
+            )
+        decoded = validation.decode(request, spec, served.limits)
+        job = InferenceJob(request.id, decoded.inputs, decoded.outputs, request.deadline)
+        result = await self._run(served, job, request, labels)
+        return self._response(served, request, labels, result, result.outputs)
+
+    async def _step(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        labels: tuple[str, str],
+        control: sequences.SequenceControl | None,
+    ) -> InferResponse:
+        """One step of a sequence: its cache in, the step run (batched with others), rows out."""
+        spec = served.spec
+        assert spec.sequence is not None
+        if control is None:
+            raise InvalidArgument(
+                f"model {spec.name!r} is a sequence model: every request needs a sequence_id "
+                f"parameter (int64 or string), and the first one sequence_start"
+            )
+        key = (spec.name, spec.version, control.sequence_id)
+        _check_one_sequence(request, key)
+        query = validation.decode(request, spec, served.limits).inputs[contract.QUERY]
+        layout = sequences.CacheLayout(
+            spec.d_model, contract.DTYPES[spec.dtype], spec.sequence.max_context
         )
+        entry = await self.sequences.enter(key, layout, start=control.start, owner=request.session)
+        failed = True
+        try:
+            self.sequences.make_room(entry, query.shape[1])
+            inputs = decoding.step_inputs(query, *entry.past())
+            job = InferenceJob(request.id, inputs, decoding.STEP_OUTPUTS, request.deadline)
+            result = await self._run(served, job, request, labels)
+            entry.append(result.outputs[contract.NEW_KEY][0], result.outputs[contract.NEW_VALUE][0])
+            failed = False
+        finally:
+            # A failed first request leaves no empty sequence behind.
+            self.sequences.leave(entry, end=control.end or (failed and control.start))
+        self.metrics.step_seconds.labels(*labels).observe(time.monotonic() - request.received)
+        outputs = {contract.OUTPUT: result.outputs[contract.OUTPUT]}
+        return self._response(served, request, labels, result, outputs)
+
+    async def _run(
+        self, served: ServedModel, job: InferenceJob, request: InferRequest, labels: tuple[str, str]
+    ) -> JobResult:
+        """Submit to the model's scheduler; count it in flight, then as a success."""
         self.metrics.inflight.labels(*labels).inc()
         try:
             result = await served.scheduler.submit(job)
@@ -165,11 +233,21 @@ class DataPlane:
                 *labels, list(job.inputs[contract.QUERY].shape), elapsed * 1e3,
                 result.queue_ns / 1e6, result.compute_ns / 1e6, result.batch_size,
             )  # fmt: skip
+        return result
+
+    def _response(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        labels: tuple[str, str],
+        result: JobResult,
+        outputs: dict[str, np.ndarray],
+    ) -> InferResponse:
         return InferResponse(
             model_name=labels[0],
             model_version=labels[1],
             id=request.id,
-            outputs=result.outputs,
+            outputs=outputs,
             parameters={"provider": served.loaded.provider},
             queue_ns=result.queue_ns,
             compute_ns=result.compute_ns,
@@ -188,3 +266,13 @@ class DataPlane:
         self.metrics.request_done(*labels, _outcome(err), elapsed)
         if labels[0]:
             self.metrics.statistics.failure(*labels, int(elapsed * 1e9))
+
+
+def _check_one_sequence(request: InferRequest, key: sequences.SequenceKey) -> None:
+    """A sequence request carries one sequence: query's batch size must be 1."""
+    for tensor in request.inputs:
+        if tensor.name == contract.QUERY and tensor.shape and tensor.shape[0] != 1:
+            raise InvalidArgument(
+                f"{sequences.describe(key)}: input 'query' has batch size {tensor.shape[0]}; "
+                f"a sequence request carries exactly one sequence (batch size 1)"
+            )

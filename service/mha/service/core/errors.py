@@ -70,6 +70,13 @@ class DeadlineExceeded(ServiceError):
     reason = "deadline_exceeded"
 
 
+class OutOfRange(ServiceError):
+    """A sequence past its model's maximum context."""
+
+    code = Status.OUT_OF_RANGE
+    reason = "out_of_range"
+
+
 class Cancelled(ServiceError):
     code = Status.CANCELLED
     reason = "cancelled"

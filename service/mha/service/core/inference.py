@@ -12,7 +12,7 @@ hostile declared shape costs nothing.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,7 @@ class InferRequest:
     timeout: float | None = None
     received: float = field(default_factory=time.monotonic)
     unreadable: str | None = None  # why the transport could not read the tensors, if so
+    session: Hashable | None = None  # the stream that carries it (sequences end with it)
 
     @property
     def deadline(self) -> float | None:

@@ -11,6 +11,11 @@ Names (all labelled model, version):
   mha_inflight_requests                requests being handled (gauge)
   mha_model_ready                      1 when loaded and warmed up (gauge)
   mha_model_info{provider, ...}        1, with the execution provider in use
+  mha_sequence_step_duration_seconds   one step of a sequence: receive -> response
+  mha_sequence_evictions_total{reason} sequences evicted: idle, stream_closed
+Server-wide (no labels):
+  mha_sequences_active                 sequences holding a KV cache (gauge)
+  mha_sequence_cache_bytes             bytes reserved by their caches (gauge)
 """
 
 from __future__ import annotations
@@ -63,6 +68,15 @@ class Metrics:
             "mha_model_info", "Model facts; value 1", [*_LABELS, "provider", "target", "dtype"],
             registry=r,
         )  # fmt: skip
+        self.step_seconds = Histogram(
+            "mha_sequence_step_duration_seconds", "Sequence step duration", _LABELS,
+            buckets=_SECONDS, registry=r,
+        )  # fmt: skip
+        self.sequence_evictions = Counter(
+            "mha_sequence_evictions", "Sequences evicted", [*_LABELS, "reason"], registry=r
+        )
+        self.sequences_active = Gauge("mha_sequences_active", "Active sequences", registry=r)
+        self.cache_bytes = Gauge("mha_sequence_cache_bytes", "KV cache bytes reserved", registry=r)
 
     def request_done(self, model: str, version: str, outcome: str, seconds: float) -> None:
         self.requests.labels(model, version, outcome).inc()

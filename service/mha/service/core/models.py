@@ -7,6 +7,7 @@ up), its request limits and its scheduler (batching or direct, per the settings)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from mha.service.core import runtime
 from mha.service.core.batching import BatchingOptions, BatchingScheduler
+from mha.service.core.decoding import StepRuns
 from mha.service.core.devices import CUDA, DevicePlan
 from mha.service.core.errors import NotFound, StartupError, Unavailable
 from mha.service.core.metrics import Metrics
@@ -151,8 +153,16 @@ class Loader:
         labels = (spec.name, str(spec.version))
         if not self.settings.batching:
             return DirectScheduler(runner, self.executor, metrics=self.metrics, labels=labels)
+        options = batching_options(self.settings, limits, provider)
+        if spec.sequence is not None:
+            # Continuous batching: every queued step (one per sequence) joins the next run,
+            # whatever its context length (decoding.StepRuns pads and masks them).
+            options = dataclasses.replace(options, policy="fifo")
+            return BatchingScheduler(
+                runner, options, self_attention=True, metrics=self.metrics, labels=labels,
+                executor=self.executor, runs=StepRuns(),
+            )  # fmt: skip
         return BatchingScheduler(
-            runner, batching_options(self.settings, limits, provider),
-            self_attention=spec.self_attention, metrics=self.metrics, labels=labels,
-            executor=self.executor,
+            runner, options, self_attention=spec.self_attention, metrics=self.metrics,
+            labels=labels, executor=self.executor,
         )  # fmt: skip

@@ -214,3 +214,31 @@ def split(
             answer[name] = np.ascontiguousarray(outputs[name][index])
         answers.append(answer)
     return answers
+
+
+class AttentionRuns:
+    """How jobs of an attention model share a run: ragged merge and split (this module)."""
+
+    def __init__(self, self_attention: bool) -> None:
+        self.self_attention = self_attention
+
+    def shape(self, inputs: Mapping[str, np.ndarray]) -> Shape:
+        return shape_of(inputs)
+
+    def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
+        return compat_key(inputs, outputs)
+
+    def fraction(self, shapes: Sequence[Shape]) -> float:
+        return padding_fraction(shapes, self.self_attention)
+
+    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> Merged:
+        return merge(jobs)
+
+    def split(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        jobs: Sequence[Mapping[str, np.ndarray]],
+        asked: Sequence[Sequence[str]],
+        spans: Sequence[tuple[int, int]],
+    ) -> list[dict[str, np.ndarray]]:
+        return split(outputs, jobs, asked, spans)

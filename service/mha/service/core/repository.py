@@ -34,6 +34,16 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class SequenceSpec:
+    """A sequence (KV cache) model's step graph, from mha.json's "sequence" object."""
+
+    kind: str  # contract.SEQUENCE_KIND
+    max_context: int  # tokens one sequence may hold
+    graph_inputs: tuple[TensorSpec, ...]  # the step graph's (contract.step_inputs)
+    graph_outputs: tuple[TensorSpec, ...]  # (contract.step_outputs)
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """One model version: where it is and what its tensors look like."""
 
@@ -50,6 +60,7 @@ class ModelSpec:
     max_sequence_length: int
     target: str
     config: dict[str, Any]
+    sequence: SequenceSpec | None = None  # None: a stateless model
 
     @property
     def model_file(self) -> Path:
@@ -65,8 +76,24 @@ class ModelSpec:
             vdim=int(self.config.get("vdim", self.d_model)),
         )
 
+    @property
+    def graph_inputs(self) -> tuple[TensorSpec, ...]:
+        """What the session is fed: a request's inputs, or a sequence model's step inputs."""
+        return self.sequence.graph_inputs if self.sequence else self.inputs
+
+    @property
+    def graph_output_names(self) -> tuple[str, ...]:
+        outputs = self.sequence.graph_outputs if self.sequence else self.outputs
+        return tuple(t.name for t in outputs)
+
     def shape_of(self, name: str, sizes: Mapping[str, int]) -> tuple[int, ...]:
-        """The concrete shape of a contract tensor of this model for B, L and S."""
+        """The concrete shape of one of this model's graph tensors for the dynamic sizes.
+
+        sizes: B, L and S for a stateless model; B, T, P and C (= P + T) for a step graph.
+        """
+        if self.sequence is not None:
+            tensors = {t.name: t for t in (*contract.step_inputs(), *contract.step_outputs())}
+            return contract.concrete_shape(tensors[name], self.dims, True, sizes)
         return contract.concrete_shape(contract.tensor(name), self.dims, self.self_attention, sizes)
 
     def input(self, name: str) -> TensorSpec | None:
@@ -86,6 +113,22 @@ def _tensors(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
             optional=bool(item.get("optional", False)),
         )
         for item in items
+    )
+
+
+def _sequence(config: dict[str, Any]) -> SequenceSpec | None:
+    section = config.get("sequence")
+    if section is None:
+        return None
+    if section.get("kind") != contract.SEQUENCE_KIND:
+        raise ValueError(
+            f"sequence kind {section.get('kind')!r}; this server runs {contract.SEQUENCE_KIND!r}"
+        )
+    return SequenceSpec(
+        kind=str(section["kind"]),
+        max_context=int(section["max_context"]),
+        graph_inputs=_tensors(section["graph_inputs"]),
+        graph_outputs=_tensors(section["graph_outputs"]),
     )
 
 
@@ -113,6 +156,7 @@ def read_spec(path: Path, name: str, version: int) -> ModelSpec:
             max_sequence_length=int(config["max_sequence_length"]),
             target=str(config.get("target", "")),
             config=config,
+            sequence=_sequence(config),
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise StartupError(f"{config_path}: cannot read the model config: {err!r}") from err

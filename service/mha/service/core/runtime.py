@@ -114,16 +114,16 @@ class ZeroRunner:
     ) -> dict[str, np.ndarray]:
         B, L, _ = feeds[contract.QUERY].shape  # paper names
         S = feeds[contract.KEY_PADDING_MASK].shape[1]
-        sizes = {"B": B, "L": L, "S": S}
+        sizes = {"B": B, "L": L, "S": S, "T": L, "C": S, "P": S - L}
         return {name: np.zeros(self.spec.shape_of(name, sizes), self.dtype) for name in outputs}
 
 
 def warmup_feeds(spec: ModelSpec, length: int = WARMUP_LENGTH) -> dict[str, np.ndarray]:
-    """Small random inputs for every graph input (B=1, L=S=length)."""
+    """Small random inputs for every graph input (B=1, L=S=length; a step: P=T=length)."""
     rng = np.random.default_rng(0)
-    sizes = {"B": 1, "L": length, "S": length}
+    sizes = {"B": 1, "L": length, "S": length, "T": length, "P": length, "C": 2 * length}
     feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.inputs:
+    for tensor in spec.graph_inputs:
         shape = spec.shape_of(tensor.name, sizes)
         if tensor.datatype == "BOOL":
             feeds[tensor.name] = np.zeros(shape, dtype=bool)
@@ -158,7 +158,7 @@ def load(
     session, provider = create_session(spec, device_plan, threads)
     runner: Runner = ZeroRunner(spec) if no_compute else SessionRunner(session, provider)
     feeds = warmup_feeds(spec)
-    SessionRunner(session, provider)(feeds, spec.output_names)
+    SessionRunner(session, provider)(feeds, spec.graph_output_names)
     seconds = time.monotonic() - start
     log.info(
         "model %s version %d loaded on %s (%d threads, target %s, %s) in %.2f s%s",

@@ -48,6 +48,9 @@ class Settings:
     port_file: Path | None = None  # write the bound gRPC port here (useful with port 0)
     metrics_port_file: Path | None = None  # write the bound metrics port here (port 0)
     no_compute: bool = False  # benchmark floor: decode + validate, answer zeros
+    kv_cache_bytes: int | None = None  # None: a quarter of the memory limit
+    max_sequences: int = 1024  # active sequences at once, over every sequence model
+    sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -66,6 +69,8 @@ class Settings:
             "max_sequence_length": self.max_sequence_length,
             "max_queue_size": self.max_queue_size,
             "max_batches_in_flight": self.max_batches_in_flight,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "max_sequences": self.max_sequences,
         }
         for name, value in positive.items():
             if value is not None and value < 1:
@@ -76,6 +81,7 @@ class Settings:
             "max_connection_age_seconds": self.max_connection_age_seconds,
             "max_connection_age_grace_seconds": self.max_connection_age_grace_seconds,
             "max_batch_delay_us": self.max_batch_delay_us,
+            "sequence_idle_seconds": self.sequence_idle_seconds,
         }
         for name, amount in non_negative.items():
             if amount < 0:
@@ -150,6 +156,11 @@ SPECS: tuple[Spec, ...] = (
          "write the bound metrics port to this file (before the gRPC port file)"),
     Spec("no_compute", "MHA_NO_COMPUTE", _bool,
          "benchmark floor: validate requests, answer zeros without running the model"),
+    Spec("kv_cache_bytes", "MHA_KV_CACHE_BYTES", int,
+         "bytes all sequences' KV caches may hold (default: a quarter of the memory limit)"),
+    Spec("max_sequences", "MHA_MAX_SEQUENCES", int, "active sequences at once"),
+    Spec("sequence_idle_seconds", "MHA_SEQUENCE_IDLE_SECONDS", float,
+         "evict a sequence unused for this long"),
 )  # fmt: skip
 
 _BOOLEAN_FIELDS = {"reflection", "batching", "no_compute"}

@@ -7,7 +7,7 @@ datatype. Everything about the model (names, shapes, limits, values) is the data
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.core.inference import (
@@ -69,7 +69,9 @@ def _typed_input(tensor: pb.ModelInferRequest.InferInputTensor) -> InputTensor:
     return InputTensor(name, datatype, shape, getattr(tensor.contents, field), field)
 
 
-def infer_request(message: pb.ModelInferRequest, timeout: float | None) -> InferRequest:
+def infer_request(
+    message: pb.ModelInferRequest, timeout: float | None, session: Hashable | None = None
+) -> InferRequest:
     """The data plane's request; a breach of the wire's own rules makes it `unreadable`.
 
     The data plane refuses an unreadable request after the model lookup, so the order of
@@ -94,6 +96,7 @@ def infer_request(message: pb.ModelInferRequest, timeout: float | None) -> Infer
         parameters=parameters(message.parameters),
         timeout=timeout,
         unreadable=problem,
+        session=session,
     )
 
 

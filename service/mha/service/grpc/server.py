@@ -79,6 +79,7 @@ class Server:
         self.health = Health()
         self.servicer = InferenceServicer(self.plane, self.is_ready)
         self.draining = False
+        self._sweeper: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -108,7 +109,15 @@ class Server:
                 write_port_file(self.settings.metrics_port_file, self.metrics_port)
         if self.settings.port_file is not None:
             write_port_file(self.settings.port_file, self.port)
+        self._sweeper = asyncio.create_task(self._evict_idle_sequences(), name="sequence-sweeper")
         return self.port
+
+    async def _evict_idle_sequences(self) -> None:
+        """Evict idle sequences even when no request comes (requests also evict on arrival)."""
+        period = max(0.05, min(self.settings.sequence_idle_seconds / 2, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            self.plane.sequences.evict_idle()
 
     async def load_models(self) -> None:
         """Load and warm up every model version, then turn readiness SERVING."""
@@ -135,6 +144,8 @@ class Server:
         """
         self.draining = True
         self.plane.refuse_new()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._grpc is not None:
             await self._quiet_then_stop(self._grpc)
         await self.plane.close()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
@@ -24,13 +24,14 @@ from mha.service.core import logs
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages
+from mha.service.grpc.streams import StreamAnswers
 
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "mha-serve"
 # ServerMetadata extensions: the optional protocol parts served, plus one
 # "device:<provider>" entry per execution provider in use (the protocol has no field for it).
-EXTENSIONS = ("statistics",)
+EXTENSIONS = ("statistics", "sequence")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -111,3 +112,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
         decoded = messages.infer_request(request, context.time_remaining())
         return messages.infer_response(await self.plane.infer(decoded))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request answered on the stream, in completion order; an error answers that
+        request alone (error_message) and the stream stays open. Requests start in arrival
+        order, so those of one sequence run in that order. The sequences a stream started
+        end with it."""
+        stream = StreamAnswers(self.plane, context)
+        try:
+            async for answer in stream.run(requests):
+                yield answer
+        finally:
+            await stream.close()

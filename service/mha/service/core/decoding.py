@@ -1,0 +1,103 @@
+"""Continuous batching of decode steps: steps of different sequences in one session run.
+
+A step job's inputs are a sequence model's step graph inputs for B = 1 (mha.contract
+step_inputs): query [1, T, E], past_key / past_value [1, P, E] (views of the sequence's
+cache) and key_padding_mask [1, P + T] (all False). Steps that are queued together run
+as one batch whatever their P and T: past rows are right-padded to the longest P, new rows
+to the longest T, and the mask is True on every padded slot, so each real query row sees
+exactly its own sequence's keys (the step graph's causal rule, key slot c <= P + t, is the
+same for every row of the batch because every row's new tokens start at slot P).
+
+What a step copies: run alone, nothing of the cache (the views go to ONNX Runtime as they
+are; the graph itself concatenates past and new keys). Batched, each past is copied once
+into the padded batch. Afterwards only the T new rows per sequence are copied into its
+cache (mha.service.core.sequences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mha import contract
+from mha.service.core.padding import Merged, Shape
+
+QUERY, MASK = contract.QUERY, contract.KEY_PADDING_MASK
+PAST = (contract.PAST_KEY, contract.PAST_VALUE)
+STEP_OUTPUTS = tuple(t.name for t in contract.step_outputs())  # output, new_key, new_value
+
+
+def step_inputs(
+    query: np.ndarray, past_key: np.ndarray, past_value: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The step graph's feeds for one sequence: query [1, T, E], past [1, P, E], no padding."""
+    tokens = query.shape[1] + past_key.shape[1]
+    return {
+        QUERY: query,
+        contract.PAST_KEY: past_key,
+        contract.PAST_VALUE: past_value,
+        MASK: np.zeros((1, tokens), dtype=bool),
+    }
+
+
+def _lengths(inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(P, T) of one step job."""
+    return int(inputs[contract.PAST_KEY].shape[1]), int(inputs[QUERY].shape[1])
+
+
+class StepRuns:
+    """How decode steps share a session run (batching.RunShaper for sequence models)."""
+
+    def shape(self, inputs: Mapping[str, np.ndarray]) -> Shape:
+        past, new = _lengths(inputs)
+        return Shape(B=1, L=new, S=past + new)  # S = the context the step attends
+
+    def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
+        query = inputs[QUERY]
+        return (frozenset(outputs), query.dtype.str, query.shape[2:])
+
+    def fraction(self, shapes: Sequence[Shape]) -> float:
+        """Padded context slots / all slots of the batch."""
+        if not shapes:
+            return 0.0
+        longest_past = max(s.S - s.L for s in shapes)
+        longest_new = max(s.L for s in shapes)
+        total = len(shapes) * (longest_past + longest_new)
+        real = sum(s.S for s in shapes)
+        return 0.0 if total == 0 else (total - real) / total
+
+    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> Merged:
+        """Pad pasts and new rows to the longest, mask every padded slot."""
+        lengths = [_lengths(inputs) for inputs in jobs]
+        longest_past = max(p for p, _ in lengths)
+        longest_new = max(t for _, t in lengths)
+        first = jobs[0][QUERY]
+        count, row = len(jobs), first.shape[2]
+        feeds = {
+            QUERY: np.zeros((count, longest_new, row), first.dtype),
+            **{name: np.zeros((count, longest_past, row), first.dtype) for name in PAST},
+            MASK: np.ones((count, longest_past + longest_new), dtype=bool),
+        }
+        for i, (inputs, (past, new)) in enumerate(zip(jobs, lengths, strict=True)):
+            feeds[QUERY][i, :new] = inputs[QUERY][0]
+            for name in PAST:
+                feeds[name][i, :past] = inputs[name][0]
+            feeds[MASK][i, :past] = False
+            feeds[MASK][i, longest_past : longest_past + new] = False
+        spans = [(i, i + 1) for i in range(count)]
+        return Merged(feeds, spans, count, longest_new, longest_past + longest_new)
+
+    def split(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        jobs: Sequence[Mapping[str, np.ndarray]],
+        asked: Sequence[Sequence[str]],
+        spans: Sequence[tuple[int, int]],
+    ) -> list[dict[str, np.ndarray]]:
+        """Each sequence's own T rows of every output it asked for."""
+        answers = []
+        for inputs, names, (i0, i1) in zip(jobs, asked, spans, strict=True):
+            _, new = _lengths(inputs)
+            answers.append({n: np.ascontiguousarray(outputs[n][i0:i1, :new]) for n in names})
+        return answers

@@ -1,0 +1,91 @@
+"""ModelStreamInfer: many requests over one bidirectional stream, answered as they finish.
+
+Each request becomes a task started in arrival order (so the requests of one sequence take
+their turns in that order, mha.service.core.sequences), its answer or its error goes on a
+queue, and the servicer writes the queue to the stream. A request's refusal answers that
+request in `error_message` ("<STATUS>: <message>", the status named as gRPC names it, since
+a stream response has no status field of its own); anything unexpected is answered with the
+fixed internal message and the request id, the traceback going to the log. When the client
+ends its side, the answers still pending are written before the stream ends; when the
+client goes away, pending requests are cancelled. Either way the sequences the stream
+started are ended (their caches freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service.core import logs
+from mha.service.core.dataplane import DataPlane
+from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
+from mha.service.grpc import messages
+
+log = logging.getLogger(__name__)
+_DONE = object()  # the request side ended and every answer is queued
+
+
+class StreamAnswers:
+    """The answers of one stream; `run` yields them, `close` ends what is left."""
+
+    def __init__(self, plane: DataPlane, context: Any) -> None:
+        self.plane = plane
+        self.context = context
+        self.session = f"stream-{uuid.uuid4().hex[:12]}"  # owner of the sequences it starts
+        self.answers: asyncio.Queue[Any] = asyncio.Queue()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(
+        self, requests: AsyncIterator[pb.ModelInferRequest]
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while (answer := await self.answers.get()) is not _DONE:
+                yield answer
+        finally:
+            reader.cancel()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        ended = self.plane.session_closed(self.session)
+        if ended:
+            log.info("stream %s closed: %d sequence(s) ended with it", self.session, ended)
+
+    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+        async for request in requests:
+            task = asyncio.create_task(self._answer(request))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.answers.put(_DONE)
+
+    async def _answer(self, request: pb.ModelInferRequest) -> None:
+        request_id = request.id or uuid.uuid4().hex[:12]
+        token = logs.request_id.set(request_id)
+        try:
+            decoded = messages.infer_request(request, None, self.session)
+            response = messages.infer_response(await self.plane.infer(decoded))
+            await self.answers.put(pb.ModelStreamInferResponse(infer_response=response))
+        except ServiceError as err:
+            log.info("ModelStreamInfer refused: %s %s", err.code.name, err.message)
+            await self.answers.put(self._error(request, f"{err.code.name}: {err.message}"))
+        except Exception:
+            log.exception("ModelStreamInfer failed unexpectedly")
+            message = f"INTERNAL: {INTERNAL_MESSAGE}: {request_id}"
+            await self.answers.put(self._error(request, message))
+        finally:
+            logs.request_id.reset(token)
+
+    @staticmethod
+    def _error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+        # The response names the request it answers, so a client can correlate the error.
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
