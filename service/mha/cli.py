@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mha.export.cli", "export a model to ONNX with one fused attention node"),
     "serve": ("mha.service.cli", "serve a model repository over the Open Inference Protocol"),
     "infer": ("mha.client.cli", "send an inference request to an OIP gRPC server"),
+    "decode": ("mha.client.decode", "decode sequences step by step against a sequence model"),
     "bench": ("mha.bench.cli", "benchmarks: `mha bench export`, `mha bench serve`"),
 }
 

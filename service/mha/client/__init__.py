@@ -6,7 +6,17 @@ with Client("localhost:8001") as client:
 """
 
 from mha.client.aio import AsyncClient
-from mha.client.core import ClientError, InferResult
+from mha.client.core import ClientError, InferResult, SequenceStep, StreamAnswer
+from mha.client.streams import AsyncStream, Stream
 from mha.client.sync import Client
 
-__all__ = ["AsyncClient", "Client", "ClientError", "InferResult"]
+__all__ = [
+    "AsyncClient",
+    "AsyncStream",
+    "Client",
+    "ClientError",
+    "InferResult",
+    "SequenceStep",
+    "Stream",
+    "StreamAnswer",
+]

@@ -12,7 +12,14 @@ import grpc.aio
 import numpy as np
 
 from mha.client import core
-from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, Call, ClientError, InferResult
+from mha.client.core import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Call,
+    ClientError,
+    InferResult,
+    SequenceStep,
+)
+from mha.client.streams import AsyncStream
 from mha.proto import grpc_predict_v2_pb2 as pb
 
 
@@ -75,10 +82,18 @@ class AsyncClient:
         request_id: str = "",
         timeout: float | None = None,
         typed: bool = False,
+        sequence: SequenceStep | None = None,
     ) -> InferResult:
-        """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...)."""
-        call = core.infer(model, inputs, outputs, version, request_id, typed)
+        """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...).
+
+        sequence: the sequence this request is a step of (a model exported --kv-cache).
+        """
+        call = core.infer(model, inputs, outputs, version, request_id, typed, sequence)
         return await self.run(call, timeout)  # type: ignore[no-any-return]
+
+    def stream(self) -> AsyncStream:
+        """A ModelStreamInfer stream on this channel (mha.client.streams)."""
+        return AsyncStream(self._stubs[core.INFERENCE])
 
     async def close(self) -> None:
         await self._channel.close(None)

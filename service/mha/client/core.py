@@ -120,6 +120,46 @@ def health(service: str = "") -> Call:
     return Call(HEALTH, "Check", request, lambda r, _: str(status_name(r.status)))
 
 
+@dataclass(frozen=True)
+class SequenceStep:
+    """Which sequence a request belongs to (Triton's sequence parameters).
+
+    sequence_id: int64 or string, never 0 or ""; start on the first request (or to begin
+    the id anew), end on the last (the server frees the sequence's cache).
+    """
+
+    sequence_id: int | str
+    start: bool = False
+    end: bool = False
+
+    def parameters(self) -> dict[str, bool | int | str]:
+        if isinstance(self.sequence_id, bool) or self.sequence_id in (0, ""):
+            raise ValueError(f"sequence_id must be a non-zero int or a non-empty string, got "
+                             f"{self.sequence_id!r}")  # fmt: skip
+        return {
+            "sequence_id": self.sequence_id,
+            "sequence_start": self.start,
+            "sequence_end": self.end,
+        }
+
+
+def infer_request(
+    model: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str] = (),
+    version: str = "",
+    request_id: str = "",
+    typed: bool = False,
+    sequence: SequenceStep | None = None,
+) -> pb.ModelInferRequest:
+    """The ModelInferRequest of one inference (raw contents unless typed)."""
+    parameters = sequence.parameters() if sequence is not None else None
+    return codec.infer_request(
+        model, inputs, outputs, version=version, request_id=request_id, typed=typed,
+        parameters=parameters,
+    )  # fmt: skip
+
+
 def infer(
     model: str,
     inputs: Mapping[str, np.ndarray],
@@ -127,9 +167,33 @@ def infer(
     version: str = "",
     request_id: str = "",
     typed: bool = False,
+    sequence: SequenceStep | None = None,
 ) -> Call:
     """ModelInfer; inputs by tensor name (query [B, L, E], ...), raw contents unless typed."""
-    request = codec.infer_request(
-        model, inputs, outputs, version=version, request_id=request_id, typed=typed
-    )
+    request = infer_request(model, inputs, outputs, version, request_id, typed, sequence)
     return Call(INFERENCE, "ModelInfer", request, infer_result)
+
+
+def stream_error(message: str) -> ClientError:
+    """A ModelStreamInfer error_message ("<STATUS>: <details>") as a ClientError."""
+    name, _, details = message.partition(": ")
+    code = getattr(grpc.StatusCode, name, None)
+    if not isinstance(code, grpc.StatusCode) or not details:
+        return ClientError(grpc.StatusCode.UNKNOWN, message)
+    return ClientError(code, details)
+
+
+@dataclass
+class StreamAnswer:
+    """One answer on a stream: the result, or the error that answered that request."""
+
+    id: str
+    result: InferResult | None
+    error: ClientError | None
+
+
+def stream_answer(response: pb.ModelStreamInferResponse, latency_s: float) -> StreamAnswer:
+    request_id = response.infer_response.id
+    if response.error_message:
+        return StreamAnswer(request_id, None, stream_error(response.error_message))
+    return StreamAnswer(request_id, infer_result(response.infer_response, latency_s), None)

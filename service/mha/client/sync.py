@@ -11,7 +11,14 @@ import grpc
 import numpy as np
 
 from mha.client import core
-from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, Call, ClientError, InferResult
+from mha.client.core import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Call,
+    ClientError,
+    InferResult,
+    SequenceStep,
+)
+from mha.client.streams import Stream
 from mha.proto import grpc_predict_v2_pb2 as pb
 
 
@@ -71,10 +78,18 @@ class Client:
         request_id: str = "",
         timeout: float | None = None,
         typed: bool = False,
+        sequence: SequenceStep | None = None,
     ) -> InferResult:
-        """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...)."""
-        call = core.infer(model, inputs, outputs, version, request_id, typed)
+        """Run one ModelInfer; inputs by tensor name (query [B, L, E], ...).
+
+        sequence: the sequence this request is a step of (a model exported --kv-cache).
+        """
+        call = core.infer(model, inputs, outputs, version, request_id, typed, sequence)
         return self.run(call, timeout)  # type: ignore[no-any-return]
+
+    def stream(self) -> Stream:
+        """A ModelStreamInfer stream on this channel (mha.client.streams)."""
+        return Stream(self._stubs[core.INFERENCE])
 
     def close(self) -> None:
         self._channel.close()

@@ -197,9 +197,9 @@ class DataPlane:
         key = (spec.name, spec.version, control.sequence_id)
         _check_one_sequence(request, key)
         query = validation.decode(request, spec, served.limits).inputs[contract.QUERY]
-        layout = sequences.CacheLayout(
-            spec.d_model, contract.DTYPES[spec.dtype], spec.sequence.max_context
-        )
+        # --max-sequence-length caps a sequence's context as well as a request's tokens.
+        context = min(spec.sequence.max_context, served.limits.max_sequence_length)
+        layout = sequences.CacheLayout(spec.d_model, contract.DTYPES[spec.dtype], context)
         entry = await self.sequences.enter(key, layout, start=control.start, owner=request.session)
         failed = True
         try:

@@ -73,6 +73,7 @@ def infer_request(
     version: str = "",
     request_id: str = "",
     typed: bool = False,
+    parameters: Mapping[str, bool | int | str] | None = None,
 ) -> pb.ModelInferRequest:
     """A ModelInferRequest with raw contents, or typed contents (ValueError for FP16)."""
     if typed:
@@ -92,7 +93,19 @@ def infer_request(
             request.raw_input_contents.append(raw)
         request.inputs.append(header)
     request.outputs.extend(pb.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs)
+    for key, value in (parameters or {}).items():
+        set_parameter(request.parameters[key], value)
     return request
+
+
+def set_parameter(param: pb.InferParameter, value: bool | int | str) -> None:
+    """Fill an InferParameter by the value's type (bool before int: a bool is an int)."""
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    else:
+        param.string_param = value
 
 
 def output_tensor(

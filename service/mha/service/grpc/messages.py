@@ -106,13 +106,7 @@ def infer_response(response: InferResponse) -> pb.ModelInferResponse:
         response.model_name, response.model_version, response.id, response.outputs
     )
     for name, value in response.parameters.items():
-        param = message.parameters[name]
-        if isinstance(value, bool):
-            param.bool_param = value
-        elif isinstance(value, int):
-            param.int64_param = value
-        else:
-            param.string_param = value
+        codec.set_parameter(message.parameters[name], value)
     return message
 
 
