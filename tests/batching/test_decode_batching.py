@@ -1,0 +1,102 @@
+"""Continuous batching of decode steps: any mix of sequences, batched, equals each alone.
+
+Real sessions of a kv-cache export. Every sequence first decodes its own tokens alone to
+build a cache; then one step of every sequence runs in a single batched session call
+(decoding.StepRuns pads the pasts and new rows and masks them) and each sequence's rows
+must equal that step run alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from batching_helpers import CountingRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mha import contract
+from mha.service.core.batching import BatchingOptions, BatchingScheduler
+from mha.service.core.decoding import STEP_OUTPUTS, StepRuns, step_inputs
+from mha.service.core.scheduling import InferenceJob
+
+E = 64
+ATOL = contract.PARITY_TOLERANCE["FP32"][0]
+
+
+@pytest.fixture(scope="module")
+def step_session(exported: Callable[..., Path]) -> ort.InferenceSession:
+    folder = exported(target="ort", kv_cache=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / "model.onnx"), options,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+
+
+def run(session: ort.InferenceSession):  # type: ignore[no-untyped-def]
+    def runner(feeds, outputs):  # type: ignore[no-untyped-def]
+        return dict(zip(outputs, session.run(list(outputs), dict(feeds)), strict=True))
+
+    return runner
+
+
+def cache_of(session: ort.InferenceSession, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The projected K/V of a whole prefix, from one step over it from an empty cache."""
+    empty = np.zeros((1, 0, E), np.float32)
+    outputs = run(session)(step_inputs(tokens, empty, empty), STEP_OUTPUTS)
+    return outputs[contract.NEW_KEY], outputs[contract.NEW_VALUE]
+
+
+sequences = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(1, 4)),  # (P, T) of each sequence's step
+    min_size=1, max_size=6,
+)  # fmt: skip
+
+
+@given(plan=sequences, seed=st.integers(0, 2**16))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_batched_steps_equal_each_step_alone(step_session, plan, seed) -> None:
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i, (past, new) in enumerate(plan):
+        prefix = rng.standard_normal((1, past, E)).astype(np.float32)
+        keys, values = cache_of(step_session, prefix) if past else (prefix, prefix)
+        query = rng.standard_normal((1, new, E)).astype(np.float32)
+        jobs.append(InferenceJob(f"s{i}", step_inputs(query, keys, values), STEP_OUTPUTS))
+    runner = CountingRunner(run(step_session))
+    options = BatchingOptions(max_batch_size=32, policy="fifo", max_padding_fraction=1.0)
+    scheduler = BatchingScheduler(runner, options, self_attention=True, runs=StepRuns())
+
+    async def all_at_once() -> list:
+        try:
+            return await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        finally:
+            await scheduler.close()
+
+    results = asyncio.run(all_at_once())
+    assert runner.calls == 1  # they all queued before the first run: one session call
+    for job, result in zip(jobs, results, strict=True):
+        alone = run(step_session)(job.inputs, STEP_OUTPUTS)
+        for name in STEP_OUTPUTS:
+            assert result.outputs[name].shape == alone[name].shape, (job.request_id, name)
+            np.testing.assert_allclose(result.outputs[name], alone[name], rtol=0, atol=ATOL,
+                                       err_msg=f"{job.request_id} {name}")  # fmt: skip
+
+
+def test_padding_fraction_counts_padded_context_slots() -> None:
+    runs = StepRuns()
+    jobs = [step_inputs(np.zeros((1, t, E), np.float32), np.zeros((1, p, E), np.float32),
+                        np.zeros((1, p, E), np.float32)) for p, t in ((6, 1), (2, 3))]  # fmt: skip
+    merged = runs.merge(jobs)
+    assert merged.feeds[contract.KEY_PADDING_MASK].tolist() == [
+        [False] * 6 + [False, True, True],
+        [False, False] + [True] * 4 + [False, False, False],
+    ]
+    # slots: 2 x (6 + 3) = 18, real: 7 + 5 = 12
+    assert runs.fraction([runs.shape(j) for j in jobs]) == pytest.approx(6 / 18)
