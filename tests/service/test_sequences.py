@@ -233,3 +233,39 @@ def test_bad_sequence_request_then_a_good_one(server, model, query, parameters, 
     assert details in caught.value.details()
     good = raw_request("kv", ONE, sequence_id=31337, sequence_start=True, sequence_end=True)
     assert server.stub.ModelInfer(good, timeout=30).outputs[0].shape == [1, 2, E]
+
+
+NO_TORCH_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+import numpy as np
+from mha.client import AsyncClient, SequenceStep
+from mha.service.core import settings
+from mha.service.grpc import server
+
+async def go():
+    s = server.Server(settings.Settings(host="127.0.0.1", port=0, metrics_port=None,
+                                        repository=Path(sys.argv[1])))
+    port = await s.start()
+    await s.load_models()
+    async with AsyncClient(f"127.0.0.1:{port}") as client, client.stream() as stream:
+        for i in range(3):
+            await stream.send("kv", {"query": np.ones((1, 2, 64), np.float32)},
+                              sequence=SequenceStep(1, start=i == 0, end=i == 2))
+            assert (await stream.receive()).error is None
+    await s.stop()
+
+asyncio.run(go())
+print(sorted(m for m in sys.modules
+             if m == "torch" or m.startswith(("torch.", "mha.model", "mha.export"))))
+"""
+
+
+def test_decoding_never_imports_torch(seq_repo: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, str(seq_repo)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
