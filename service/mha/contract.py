@@ -224,3 +224,55 @@ def json_specs(
 
     ins = [spec(t) for t in inputs(self_attention)]
     return ins, [spec(t) for t in outputs(attention_weights)]
+
+
+# mha.json's "sequence" object of a KV-cache export: the step graph's tensors, and how the
+# server keeps each sequence's cache (the step outputs appended to the cache tensors, in order).
+CACHE_TENSORS = (PAST_KEY, PAST_VALUE)
+CACHE_APPENDED_FROM = (NEW_KEY, NEW_VALUE)
+CACHE_LAYOUT = "[B, P, E]"
+
+
+def step_json_spec(t: Tensor, dims: Dims, model_datatype: str) -> dict:
+    """One step graph tensor as mha.json declares it: name, datatype, shape (-1 = dynamic)."""
+    return {
+        "name": t.name,
+        "datatype": datatype(t, model_datatype),
+        "shape": declared_shape(t, dims, True),
+    }
+
+
+def step_json_specs(dims: Dims, model_datatype: str) -> tuple[list[dict], list[dict]]:
+    """mha.json's sequence "graph_inputs" and "graph_outputs": the step graph's tensors."""
+    return (
+        [step_json_spec(t, dims, model_datatype) for t in step_inputs()],
+        [step_json_spec(t, dims, model_datatype) for t in step_outputs()],
+    )
+
+
+def sequence_request_specs(dims: Dims, model_datatype: str) -> tuple[list[dict], list[dict]]:
+    """mha.json's "inputs" and "outputs" of a KV-cache export: what a request of one sequence
+    carries (B = 1): query [1, -1, E] in, output [1, -1, E] back."""
+
+    def spec(t: Tensor) -> dict:
+        entry = step_json_spec(t, dims, model_datatype)
+        return {**entry, "shape": [1, *entry["shape"][1:]]}
+
+    return [spec(STEP_QUERY_TENSOR)], [spec(STEP_OUTPUT_TENSOR)]
+
+
+def sequence_json(dims: Dims, model_datatype: str, max_context: int) -> dict:
+    """mha.json's "sequence" object of a KV-cache export (max_context: tokens per sequence)."""
+    graph_inputs, graph_outputs = step_json_specs(dims, model_datatype)
+    return {
+        "kind": SEQUENCE_KIND,
+        "max_context": max_context,
+        "graph_inputs": graph_inputs,
+        "graph_outputs": graph_outputs,
+        "cache": {
+            "tensors": list(CACHE_TENSORS),
+            "appended_from": list(CACHE_APPENDED_FROM),
+            "layout": CACHE_LAYOUT,
+            "bytes_per_token": len(CACHE_TENSORS) * dims.d_model * DTYPES[model_datatype].itemsize,
+        },
+    }

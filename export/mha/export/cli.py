@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
     kind.add_argument("--cross", dest="self_attention", action="store_false")
     graph.add_argument("--causal", action="store_true", help="causal mask (self-attention)")
     graph.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="export the decoding step graph of causal self-attention (implies --causal): "
+        "query, past_key, past_value, key_padding_mask in; output, new_key, new_value out",
+    )
+    graph.add_argument(
         "--attention-weights", action="store_true", help="add the attention_weights output"
     )
     graph.add_argument("--max-batch-size", type=int, default=64, help="server limit default")
@@ -100,6 +106,7 @@ def options_from(args: argparse.Namespace):
         seed=args.seed,
         max_batch_size=args.max_batch_size,
         max_sequence_length=args.max_sequence_length,
+        kv_cache=args.kv_cache,
         external_data=external,
     )
 

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -20,13 +21,24 @@ import torch
 from mha import contract
 from mha.export import repository, validate
 from mha.export.cases import parity_cases
+from mha.export.decode_cases import decoding_cases
 from mha.export.failures import ExportValidationError, ValidationFailure
 from mha.export.fused_ops import translation_table
-from mha.export.graph import build_graph
+from mha.export.graph import StepGraph, build_graph
 from mha.export.onnx_graph import annotate_fused_outputs, drop_unused_outputs, name_io_axes
 from mha.export.options import TARGETS, TOLERANCE, ExportOptions
-from mha.export.signature import contract_dims, dynamic_shapes, example_inputs, io_shapes
+from mha.export.signature import (
+    contract_dims,
+    dynamic_shapes,
+    example_inputs,
+    io_shapes,
+    step_dynamic_shapes,
+    step_example_inputs,
+    step_io_shapes,
+)
 from mha.export.sources import WeightsSource, from_module, load_source
+from mha.export.step_ops import step_translation_table
+from mha.export.validate_step import check_decoding
 from mha.model.attention import MultiHeadAttention
 
 log = logging.getLogger(__name__)
@@ -53,25 +65,54 @@ class ExportResult:
         return sum(p.stat().st_size for p in self.files if p.exists())
 
 
+@dataclass(frozen=True)
+class TraceSpec:
+    """What torch.onnx.export is given for one export: the module, its inputs and axes."""
+
+    graph: Any  # ExportGraph or StepGraph: an nn.Module with input_names()/output_names()
+    args: tuple[torch.Tensor, ...]
+    dynamic_shapes: tuple[dict[int, Any], ...]
+    translation_table: dict
+    io_shapes: dict[str, list[str | int]]  # the contract's shapes, written into the graph
+
+
+def trace_spec(module: MultiHeadAttention, options: ExportOptions) -> TraceSpec:
+    """The full-sequence graph, or with options.kv_cache the decoding step graph."""
+    dtype, fused = TORCH_DTYPE[options.dtype], bool(TARGETS[options.target].node)
+    config = module.config
+    if options.kv_cache:
+        module.check_decodable()  # ValueError for weights with kdim or vdim != d_model
+        return TraceSpec(
+            StepGraph(module, fused).eval(),
+            step_example_inputs(config, dtype),
+            step_dynamic_shapes(config),
+            step_translation_table(options.target, options.step_feed),
+            step_io_shapes(config),
+        )
+    return TraceSpec(
+        build_graph(module, options.self_attention, options.attention_weights, fused),
+        example_inputs(config, options.self_attention, dtype),
+        dynamic_shapes(config, options.self_attention),
+        translation_table(options.target),
+        io_shapes(config, options.self_attention),
+    )
+
+
 def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with the target's fused-op translation."""
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
-    target = TARGETS[options.target]
-    graph = build_graph(
-        module, options.self_attention, options.attention_weights, bool(target.node)
-    )
-    args = example_inputs(module.config, options.self_attention, TORCH_DTYPE[options.dtype])
+    spec = trace_spec(module, options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            graph,
-            args,
-            input_names=graph.input_names(),
-            output_names=graph.output_names(),
-            opset_version=target.opset,
+            spec.graph,
+            spec.args,
+            input_names=spec.graph.input_names(),
+            output_names=spec.graph.output_names(),
+            opset_version=TARGETS[options.target].opset,
             dynamo=True,
-            dynamic_shapes=dynamic_shapes(module.config, options.self_attention),
-            custom_translation_table=translation_table(options.target),
+            dynamic_shapes=spec.dynamic_shapes,
+            custom_translation_table=spec.translation_table,
             optimize=True,
             verbose=False,
         )
@@ -79,13 +120,15 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
     model = program.model_proto
     drop_unused_outputs(model)
     annotate_fused_outputs(model, ELEM_TYPE[options.dtype])
-    name_io_axes(model, io_shapes(module.config, options.self_attention))
+    name_io_axes(model, spec.io_shapes)
     return model
 
 
 def structure_failures(model: onnx.ModelProto, options: ExportOptions) -> list[ValidationFailure]:
     """onnx.checker, shape inference, names and the fused-node rule."""
     failures = validate.check_onnx(model)
+    if options.kv_cache:
+        return failures + validate.check_step_structure(model, options.target)
     return failures + validate.check_structure(
         model, options.target, options.self_attention, options.attention_weights
     )
@@ -102,8 +145,14 @@ def versions() -> dict[str, str]:
 
 
 def tensor_specs(options: ExportOptions, module: MultiHeadAttention) -> tuple[list, list]:
-    """Input and output specs for mha.json (-1 = dynamic), from the tensor contract."""
+    """Input and output specs for mha.json (-1 = dynamic), from the tensor contract.
+
+    A KV-cache export declares what a request carries (B = 1, the query of new tokens);
+    its step graph's own tensors are in mha.json's "sequence" object.
+    """
     dims = contract_dims(module.config)
+    if options.kv_cache:
+        return contract.sequence_request_specs(dims, options.dtype.upper())
     return contract.json_specs(
         dims, options.self_attention, options.attention_weights, options.dtype.upper()
     )
@@ -115,7 +164,7 @@ def model_config(options, source, results) -> dict:
     target = TARGETS[options.target]
     inputs, outputs = tensor_specs(options, source.module)
     abs_err, rel_err = validate.max_errors(results)
-    return {
+    config = {
         "format": 1,
         "name": options.name,
         "version": options.version,
@@ -146,6 +195,10 @@ def model_config(options, source, results) -> dict:
         "weights_source": source.description,
         "weights_sha256": source.sha256,
     }
+    if options.kv_cache:
+        dims, dtype = contract_dims(cfg), options.dtype.upper()
+        config["sequence"] = contract.sequence_json(dims, dtype, options.max_sequence_length)
+    return config
 
 
 def export_model(
@@ -211,12 +264,19 @@ def install_validated(
 def staged_parity(
     staging: Path, options: ExportOptions, source: WeightsSource, timer: StepTimer
 ) -> list[validate.CaseResult]:
-    """Step 5: the staged model.onnx on ONNX Runtime CPU vs eager, on the parity cases."""
+    """Step 5: the staged model.onnx on ONNX Runtime CPU vs eager, on the parity cases.
+
+    A KV-cache export is checked by decoding (decode_cases.decoding_cases) instead.
+    """
+    path = str(staging / repository.MODEL_FILE)
+    if options.kv_cache:
+        steps = decoding_cases()
+        with timer.step(5, f"decoding parity vs eager PyTorch on {len(steps)} cases"):
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            return check_decoding(session, source.module, options.dtype, steps)
     cases = parity_cases(options.self_attention)
     with timer.step(5, f"parity vs eager PyTorch on {len(cases)} shapes"):
-        session = ort.InferenceSession(
-            str(staging / repository.MODEL_FILE), providers=["CPUExecutionProvider"]
-        )
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         return validate.check_parity(
             session, source.module, cases, options.self_attention, options.dtype
         )

@@ -1,4 +1,5 @@
-"""The traced module: the model's own forward, its attention core swapped for the fused op."""
+"""The traced modules: the model's own forward (or decoding step), its core swapped for the
+fused op."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from mha import contract
-from mha.export import fused_ops  # noqa: F401  (registers torch.ops.mha.attention)
+from mha.export import fused_ops, step_ops  # noqa: F401  (register torch.ops.mha.*)
 from mha.model.attention import MultiHeadAttention
+from mha.model.kv_cache import KVCache
 
 
 class ExportGraph(nn.Module):
@@ -81,3 +83,42 @@ def build_graph(
     """The traced module for one export."""
     cls = SelfAttentionGraph if self_attention else CrossAttentionGraph
     return cls(mha, self_attention, weights, fused).eval()
+
+
+class StepGraph(nn.Module):
+    """A KV-cache export's step graph: MultiHeadAttention.step_with, the contract's step names.
+
+    Inputs query (B, T, E), past_key and past_value (B, P, E), key_padding_mask (B, P + T);
+    outputs output (B, T, E), new_key and new_value (B, T, E). fused=True makes the step core
+    torch.ops.mha.attention_step (one fused node after translation); fused=False keeps the
+    model's explicit step core (the `none` target).
+    """
+
+    def __init__(self, mha: MultiHeadAttention, fused: bool) -> None:
+        super().__init__()
+        self.mha = mha
+        self.fused = fused
+
+    def forward(
+        self, query: Tensor, past_key: Tensor, past_value: Tensor, key_padding_mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        past = KVCache(past_key, past_value)
+        return self.mha.step_with(self.core, query, past, key_padding_mask)
+
+    def core(
+        self, q: Tensor, k: Tensor, v: Tensor, past: KVCache, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        """This export's step core: the heads (B, T, E) of the new tokens."""
+        if not self.fused:
+            return self.mha.step_core(explicit=True)(q, k, v, past, key_padding_mask)
+        assert key_padding_mask is not None  # a graph input: always given
+        heads = self.mha.config.num_heads
+        return torch.ops.mha.attention_step(q, k, v, past.key, past.value, key_padding_mask, heads)
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return [t.name for t in contract.step_inputs()]
+
+    def output_names(self) -> list[str]:
+        """Graph output names, in order."""
+        return [t.name for t in contract.step_outputs()]

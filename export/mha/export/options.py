@@ -39,6 +39,24 @@ TARGETS: dict[str, Target] = {
 
 DTYPES = ("fp32", "fp16")
 
+# How a KV-cache step graph's fused node gets the past keys and the mask, per (target, dtype):
+# "concat" = concat(past, new) as 3D key/value with an explicit causal + padding mask;
+# "concat-fp32" = the same with the node computing in fp32. Measured on 2 CPU cores,
+# onnxruntime 1.32, d_model 512, 8 heads, step latency at B=1 T=1 P=1024: feeding the nodes'
+# own past_key/past_value inputs instead was no faster for MultiHeadAttention (0.19-0.21 vs
+# 0.20-0.22 ms fp32) and slower for Attention in fp32 (0.20 vs 0.12-0.14 ms). Attention's
+# fp16 kernel misses the fp16 parity bound on some decodes (1.02x); computing in fp32 it
+# holds (0.5x) and is no slower (0.18 ms vs 0.21 with past inputs, 0.47 fp16 concat).
+# GroupQueryAttention refuses multi-token steps of B > 1 with a past.
+STEP_FEEDS = {
+    ("ort", "fp32"): "concat",
+    ("ort", "fp16"): "concat",
+    ("onnx", "fp32"): "concat",
+    ("onnx", "fp16"): "concat-fp32",
+    ("none", "fp32"): "concat",  # decomposed: the model's own concat and mask
+    ("none", "fp16"): "concat",
+}
+
 # Per dtype: |onnx - eager| <= atol + rtol * |eager|, elementwise.
 # fp32: ORT and torch differ by accumulation order only, ~1e-6 on these sizes; 1e-5 leaves
 # room for long sequences without hiding a wrong mask (that shows up as ~1e-1).
@@ -53,6 +71,8 @@ RTOL = {dtype: contract.PARITY_TOLERANCE[dtype.upper()][1] for dtype in ("fp32",
 # Sizes of the example inputs that the graph is traced with. Parity is checked on other
 # shapes (validate.py), so a graph that specialised to these would fail there.
 EXPORT_SHAPE = {"B": 2, "L": 5, "S": 7}
+# The same for a KV-cache step graph: B sequences, T new tokens, P past ones, C = P + T slots.
+STEP_EXPORT_SHAPE = {"B": 2, "T": 3, "P": 5, "C": 8}
 
 # Initializers above this size go to `model.onnx.data` (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_BYTES = 256 << 20
@@ -81,7 +101,10 @@ class ExportOptions:
     bias: bool = True
     seed: int = 0
     max_batch_size: int = 64
-    max_sequence_length: int = 4096
+    max_sequence_length: int = 4096  # with kv_cache: the longest context (P + T) served
+    # The decoding step graph of causal self-attention (mha.contract.step_inputs) instead of
+    # the full-sequence graph; implies causal=True.
+    kv_cache: bool = False
     external_data: bool | None = None  # None = by size
     extra_metadata: dict[str, str] = field(default_factory=dict)
 
@@ -92,6 +115,8 @@ class ExportOptions:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
         if self.weights is not None and self.bert is not None:
             raise ValueError("give at most one weights source: --weights or --bert")
+        if self.kv_cache:
+            self.check_kv_cache()
         if self.causal and not self.self_attention:
             raise ValueError("causal=True is defined for self-attention only (use --self)")
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -105,6 +130,24 @@ class ExportOptions:
                 f"max_batch_size={self.max_batch_size} and max_sequence_length="
                 f"{self.max_sequence_length} must be >= 1"
             )
+
+    def check_kv_cache(self) -> None:
+        """Refuse what a decoding step graph cannot be; set causal (a KV cache implies it)."""
+        if not self.self_attention:
+            raise ValueError(
+                "--kv-cache is causal self-attention decoding: it cannot be combined with "
+                "--cross (self_attention=False)"
+            )
+        if self.attention_weights:
+            raise ValueError(
+                "--kv-cache step graphs have no attention_weights output: drop --attention-weights"
+            )
+        object.__setattr__(self, "causal", True)  # frozen: set once, before anyone reads it
+
+    @property
+    def step_feed(self) -> str:
+        """How this export's step graph feeds its fused node (STEP_FEEDS)."""
+        return STEP_FEEDS[(self.target, self.dtype)]
 
     @property
     def model_dir(self) -> Path:

@@ -32,6 +32,13 @@ def human_bytes(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
+def kind_of(config: dict) -> str:
+    """self, cross, or self kv-cache (a decoding step graph)."""
+    if "sequence" in config:
+        return "self kv-cache"
+    return "self" if config["self_attention"] else "cross"
+
+
 def summary_table(results: Sequence[ExportResult]) -> str:
     """Target, node, opset, dtype, file size, max errors, time."""
     rows = []
@@ -44,7 +51,7 @@ def summary_table(results: Sequence[ExportResult]) -> str:
                 cfg["node"],
                 cfg["opset"],
                 cfg["dtype"],
-                "self" if cfg["self_attention"] else "cross",
+                kind_of(cfg),
                 human_bytes(r.file_bytes),
                 ", ".join(f"{k} {v:.1e}" for k, v in errs.items()),
                 f"{r.seconds:.1f} s",

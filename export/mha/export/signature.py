@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mha import contract
-from mha.export.options import EXPORT_SHAPE
+from mha.export.options import EXPORT_SHAPE, STEP_EXPORT_SHAPE
 from mha.model.config import AttentionConfig
 
 
@@ -26,15 +26,32 @@ def example_inputs(
     config: AttentionConfig, self_attention: bool, dtype: torch.dtype
 ) -> tuple[Tensor, ...]:
     """Trace-time inputs of EXPORT_SHAPE in graph input order (never used for parity)."""
+    tensors = contract.inputs(self_attention)
+    return trace_tensors(tensors, contract_dims(config), self_attention, EXPORT_SHAPE, dtype)
+
+
+def step_example_inputs(config: AttentionConfig, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Trace-time inputs of a step graph, of STEP_EXPORT_SHAPE (never used for parity)."""
     dims = contract_dims(config)
-    tensors = []
-    for t in contract.inputs(self_attention):
-        shape = contract.concrete_shape(t, dims, self_attention, EXPORT_SHAPE)
+    return trace_tensors(contract.step_inputs(), dims, True, STEP_EXPORT_SHAPE, dtype)
+
+
+def trace_tensors(
+    tensors: tuple[contract.Tensor, ...],
+    dims: contract.Dims,
+    self_attention: bool,
+    sizes: dict[str, int],
+    dtype: torch.dtype,
+) -> tuple[Tensor, ...]:
+    """Random float tensors and all-False masks (nothing padded) of the given sizes."""
+    arrays = []
+    for t in tensors:
+        shape = contract.concrete_shape(t, dims, self_attention, sizes)
         if t.datatype == contract.BOOL:  # key_padding_mask: nothing padded
-            tensors.append(torch.zeros(shape, dtype=torch.bool))
+            arrays.append(torch.zeros(shape, dtype=torch.bool))
         else:
-            tensors.append(torch.randn(shape, dtype=dtype))
-    return tuple(tensors)
+            arrays.append(torch.randn(shape, dtype=dtype))
+    return tuple(arrays)
 
 
 def dynamic_shapes(config: AttentionConfig, self_attention: bool) -> tuple[dict[int, Any], ...]:
@@ -56,3 +73,29 @@ def io_shapes(config: AttentionConfig, self_attention: bool) -> dict[str, list[s
     dims = contract_dims(config)
     tensors = (*contract.inputs(self_attention), *contract.outputs(attention_weights=True))
     return {t.name: contract.symbolic_shape(t, dims, self_attention) for t in tensors}
+
+
+def step_dynamic_shapes(config: AttentionConfig) -> tuple[dict[int, Any], ...]:
+    """Per step graph input, its dynamic axes: B, T and P named; C (= P + T) left to the tracer.
+
+    torch.export cannot name C: it is the sum of two dims, and the graph relates them (the
+    mask is read against concat(past, new)).
+    """
+    dims = contract_dims(config)
+    axes: dict[str, Any] = {name: torch.export.Dim(name) for name in ("B", "T", "P")}
+    axes["C"] = torch.export.Dim.AUTO
+    return tuple(
+        {
+            i: axes[axis]
+            for i, axis in enumerate(contract.symbolic_shape(t, dims, True))
+            if axis in axes
+        }
+        for t in contract.step_inputs()
+    )
+
+
+def step_io_shapes(config: AttentionConfig) -> dict[str, list[str | int]]:
+    """The contract's shapes of every step graph input and output, dynamic axes by name."""
+    dims = contract_dims(config)
+    tensors = (*contract.step_inputs(), *contract.step_outputs())
+    return {t.name: contract.symbolic_shape(t, dims, True) for t in tensors}

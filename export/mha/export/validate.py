@@ -8,6 +8,7 @@ mha.export.failures object; the exporter raises them all as one ExportValidation
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,10 +73,18 @@ def name_failures(
     model: onnx.ModelProto, self_attention: bool, weights: bool
 ) -> list[ValidationFailure]:
     """Graph inputs and outputs against the tensor contract's names (mha.contract), in order."""
+    inputs, outputs = contract.input_names(self_attention), contract.output_names(weights)
+    return graph_name_failures(model, inputs, outputs)
+
+
+def graph_name_failures(
+    model: onnx.ModelProto, inputs: tuple[str, ...], outputs: tuple[str, ...]
+) -> list[ValidationFailure]:
+    """Graph inputs and outputs against the expected names, in order."""
     failures: list[ValidationFailure] = []
     for role, values, expected in (
-        ("inputs", model.graph.input, contract.input_names(self_attention)),
-        ("outputs", model.graph.output, contract.output_names(weights)),
+        ("inputs", model.graph.input, inputs),
+        ("outputs", model.graph.output, outputs),
     ):
         found = tuple(v.name for v in values)
         if found != expected:
@@ -88,15 +97,32 @@ def check_structure(
 ) -> list[ValidationFailure]:
     """Names, fused-node count and Softmax rule; an empty list when all is well."""
     failures = name_failures(model, self_attention, weights)
+    allowed_softmax = 1 if weights and not TARGETS[target].keeps_fused_weights else 0
+    return failures + fused_node_failures(model, target, allowed_softmax)
+
+
+def check_step_structure(model: onnx.ModelProto, target: str) -> list[ValidationFailure]:
+    """A KV-cache step graph's names (mha.contract.step_inputs/outputs) and fused-node rule."""
+    inputs = tuple(t.name for t in contract.step_inputs())
+    outputs = tuple(t.name for t in contract.step_outputs())
+    failures = graph_name_failures(model, inputs, outputs)
+    return failures + fused_node_failures(model, target, allowed_softmax=0)
+
+
+def fused_node_failures(
+    model: onnx.ModelProto, target: str, allowed_softmax: int
+) -> list[ValidationFailure]:
+    """Exactly one node of the target's fused op and allowed_softmax Softmax nodes; none
+    fused in the decomposed target."""
     fused = fused_nodes(model)
     if target == "none":
-        return failures + ([FusedNodeInFallback(len(fused))] if fused else [])
+        return [FusedNodeInFallback(len(fused))] if fused else []
+    failures: list[ValidationFailure] = []
     wanted = TARGETS[target].node
     names = tuple(f"{n.domain}.{n.op_type}" if n.domain else n.op_type for n in fused)
     if names != (wanted,):
         failures.append(FusedNodes(names, wanted))
     softmax = op_counts(model).get("Softmax", 0)
-    allowed_softmax = 1 if weights and not TARGETS[target].keeps_fused_weights else 0
     if softmax != allowed_softmax:
         failures.append(SoftmaxCount(softmax, allowed_softmax))
     return failures
@@ -166,6 +192,11 @@ def output_failure(
     return None
 
 
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of an export's floats: float32 for fp32, float16 for fp16."""
+    return np.dtype(np.float16 if dtype == "fp16" else np.float32)
+
+
 def reference_module(module: MultiHeadAttention, dtype: str) -> MultiHeadAttention:
     """The fp32 eager oracle of an export: the weights as the export stores them."""
     if dtype == "fp32":
@@ -191,7 +222,7 @@ def check_case(
     """
     case_id = case.id(self_attention)
     feeds = case.inputs(module.config, self_attention)
-    float_type = np.dtype(np.float16 if dtype == "fp16" else np.float32)
+    float_type = numpy_dtype(dtype)
     ort_feeds = {k: v.astype(float_type) if v.dtype != bool else v for k, v in feeds.items()}
     # eager sees the same (rounded) inputs that ORT sees, so only the math is compared
     eager_feeds = {k: v.astype(np.float32) if v.dtype != bool else v for k, v in ort_feeds.items()}
@@ -204,7 +235,19 @@ def check_case(
     except Exception as err:  # ORT raises its own Fail/InvalidArgument types
         return CaseResult(case_id, failures=[RuntimeFailure(case_id, str(err))])
     want = eager_outputs(reference_module(module, dtype), eager_feeds, self_attention)
-    errors = [compare(n, got[n], want[n], TOLERANCE[dtype], RTOL[dtype]) for n in expected]
+    return case_result(case_id, got, want, expected, dtype)
+
+
+def case_result(
+    case_id: str,
+    got: dict[str, np.ndarray],
+    want: dict[str, np.ndarray],
+    names: Sequence[str],
+    dtype: str,
+) -> CaseResult:
+    """Compare the named outputs of one case with eager's, within the dtype's tolerance."""
+    float_type = numpy_dtype(dtype)
+    errors = [compare(n, got[n], want[n], TOLERANCE[dtype], RTOL[dtype]) for n in names]
     found = (output_failure(case_id, e, got[e.output], want[e.output], float_type) for e in errors)
     return CaseResult(case_id, errors, [f for f in found if f is not None])
 

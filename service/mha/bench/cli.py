@@ -1,4 +1,4 @@
-"""`mha bench export|serve`: dispatch to the benchmark that owns each target.
+"""`mha bench export|serve|decode`: dispatch to the benchmark that owns each target.
 
 `export` lives with the export tools (imports torch when it runs); `serve` is a load
 generator for any Open Inference Protocol server and never imports torch. Each module
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 BENCHES: dict[str, tuple[str, str]] = {
     "export": ("mha.export.bench", "eager torch vs ONNX Runtime per export target"),
     "serve": ("mha.bench.serve", "load generator for an OIP gRPC server (and this server)"),
+    "decode": ("mha.bench.decode", "decoding with the server's KV cache vs recomputing"),
 }
 
 

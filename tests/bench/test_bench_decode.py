@@ -1,0 +1,63 @@
+"""Smoke test of `mha bench decode --quick`: every contestant and workload runs and reports.
+
+Not a timed test: it checks the benchmark works (and exports its two models when they are
+missing), not how fast decoding is; the targets' verdicts are not asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from test_bench_cli import SCRIPT
+
+QUICK_POINTS = {  # (contestant, prompt, sequences) of --quick
+    ("in-process", 8, 1),
+    ("cached", 8, 1),
+    ("cached", 8, 4),
+    ("recompute", 8, 1),
+    ("batching-off", 8, 1),
+    ("batching-off", 8, 4),
+}
+TABLES = ("decode figures", "KV cache vs recompute", "continuous batching on vs off",
+          "gRPC step vs the in-process ceiling", "same answers", "targets")  # fmt: skip
+
+
+def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads((out / "bench.json").read_text())
+    points = document["points"]
+    assert {(p["contestant"], p["prompt"], p["sequences"]) for p in points} == QUICK_POINTS
+    for p in points:
+        assert p["tokens"] == 4 * p["sequences"] and p["tokens_per_s"] > 0, p
+        assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] <= p["max_ms"], p
+        if p["server"] is not None:
+            assert p["mean_batch"] >= 1, p
+        if p["contestant"] in ("cached", "batching-off"):  # read while the sequences lived
+            assert p["cache_bytes"] >= p["cache_rows_bytes"] > 0, p
+    for agreement in document["agreement"]:  # two exports of the same weights
+        assert agreement["max_abs_diff"] <= 1e-4, agreement
+    assert {a["pair"] for a in document["agreement"]} == {
+        "cached vs recompute", "cached vs batching-off", "cached vs in-process",
+    }  # fmt: skip
+    assert len(document["targets"]) == 2 and all(t["value"] > 0 for t in document["targets"])
+    assert len(document["machine"]["loadavg_before"]) == 3
+    assert set(document["servers"]) == {"on", "off"}
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    for title in TABLES:
+        assert title in run.stdout
+
+
+def test_decode_help_loads_no_export_tools() -> None:
+    argv = ["bench", "decode", "--help"]
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    heavy, _ = done.stdout.rsplit(" ", 1)
+    assert heavy == "[]", done.stdout
