@@ -113,6 +113,9 @@ class RunShaper(Protocol):
         spans: Sequence[tuple[int, int]],
     ) -> list[dict[str, np.ndarray]]: ...
 
+    def release(self, merged: padding.Merged) -> None:
+        """The run is over and split: merged's buffers may be reused."""
+
 
 @dataclass(eq=False)
 class _Pending:
@@ -347,12 +350,15 @@ class BatchingScheduler:
             return _Run([{n: outputs[n] for n in jobs[0].outputs}], start, end, 0.0)
         runs = self._runs
         merged = runs.merge([j.inputs for j in jobs])
-        start = time.monotonic()
-        outputs = self._runner(merged.feeds, jobs[0].outputs)
-        end = time.monotonic()
-        answers = runs.split(
-            outputs, [j.inputs for j in jobs], [j.outputs for j in jobs], merged.spans
-        )
+        try:
+            start = time.monotonic()
+            outputs = self._runner(merged.feeds, jobs[0].outputs)
+            end = time.monotonic()
+            answers = runs.split(
+                outputs, [j.inputs for j in jobs], [j.outputs for j in jobs], merged.spans
+            )
+        finally:
+            runs.release(merged)
         fraction = runs.fraction([runs.shape(j.inputs) for j in jobs])
         return _Run(answers, start, end, fraction)
 

@@ -12,10 +12,16 @@ What a step copies: run alone, nothing of the cache (the views go to ONNX Runtim
 are; the graph itself concatenates past and new keys). Batched, each past is copied once
 into the padded batch. Afterwards only the T new rows per sequence are copied into its
 cache (mha.service.core.sequences).
+
+The padded batch lives in scratch buffers reused from run to run: memory fresh from the
+system costs a page fault per 4 KiB on first touch, which made the copy into a new
+(32, 1024, 512) fp32 batch 20-40x slower than into a reused one (measured here: 43-72 ms
+vs 1.8 ms for 32 MB). A scratch larger than RETAIN_BYTES is not kept.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -26,6 +32,28 @@ from mha.service.core.padding import Merged, Shape
 QUERY, MASK = contract.QUERY, contract.KEY_PADDING_MASK
 PAST = (contract.PAST_KEY, contract.PAST_VALUE)
 STEP_OUTPUTS = tuple(t.name for t in contract.step_outputs())  # output, new_key, new_value
+RETAIN_BYTES = 256 << 20  # the largest scratch kept for reuse
+
+
+class Scratch:
+    """Grow-only flat buffers, one per feed name, that padded batches are laid out in."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def array(self, name: str, shape: tuple[int, ...], dtype: np.dtype, fill: object) -> np.ndarray:
+        """A C-contiguous array of `shape` over this scratch's buffer for `name`, filled."""
+        size = int(np.prod(shape))
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.size < size:
+            buffer = self.buffers[name] = np.empty(size, dtype)
+        view = buffer[:size].reshape(shape)
+        view.fill(fill)
+        return view
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
 
 
 def step_inputs(
@@ -47,7 +75,25 @@ def _lengths(inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 
 class StepRuns:
-    """How decode steps share a session run (batching.RunShaper for sequence models)."""
+    """How decode steps share a session run (batching.RunShaper for sequence models).
+
+    Merges may run in several executor threads at once (runs in flight > 1): each takes a
+    scratch of its own from the free list and gives it back in release().
+    """
+
+    def __init__(self) -> None:
+        self._free: list[Scratch] = []
+        self._lock = threading.Lock()
+
+    def _take(self) -> Scratch:
+        with self._lock:
+            return self._free.pop() if self._free else Scratch()
+
+    def release(self, merged: Merged) -> None:
+        scratch = merged.scratch
+        if isinstance(scratch, Scratch) and scratch.nbytes <= RETAIN_BYTES:
+            with self._lock:
+                self._free.append(scratch)
 
     def shape(self, inputs: Mapping[str, np.ndarray]) -> Shape:
         past, new = _lengths(inputs)
@@ -73,11 +119,12 @@ class StepRuns:
         longest_past = max(p for p, _ in lengths)
         longest_new = max(t for _, t in lengths)
         first = jobs[0][QUERY]
-        count, row = len(jobs), first.shape[2]
+        count, row, dtype = len(jobs), first.shape[2], first.dtype
+        scratch = self._take()
         feeds = {
-            QUERY: np.zeros((count, longest_new, row), first.dtype),
-            **{name: np.zeros((count, longest_past, row), first.dtype) for name in PAST},
-            MASK: np.ones((count, longest_past + longest_new), dtype=bool),
+            QUERY: scratch.array(QUERY, (count, longest_new, row), dtype, 0),
+            **{n: scratch.array(n, (count, longest_past, row), dtype, 0) for n in PAST},
+            MASK: scratch.array(MASK, (count, longest_past + longest_new), np.dtype(bool), True),
         }
         for i, (inputs, (past, new)) in enumerate(zip(jobs, lengths, strict=True)):
             feeds[QUERY][i, :new] = inputs[QUERY][0]
@@ -86,7 +133,7 @@ class StepRuns:
             feeds[MASK][i, :past] = False
             feeds[MASK][i, longest_past : longest_past + new] = False
         spans = [(i, i + 1) for i in range(count)]
-        return Merged(feeds, spans, count, longest_new, longest_past + longest_new)
+        return Merged(feeds, spans, count, longest_new, longest_past + longest_new, scratch)
 
     def split(
         self,

@@ -39,8 +39,13 @@ class LoadedModel:
     load_seconds: float
 
 
-def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
-    """The server's session options; spinning=True keeps ORT's default busy-wait."""
+def session_options(
+    threads: int, spinning: bool = False, arena: bool = False
+) -> ort.SessionOptions:
+    """The server's session options; spinning=True keeps ORT's default busy-wait.
+
+    arena=True keeps ORT's CPU memory arena (sequence models: see create_session).
+    """
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # One graph, one attention node: there is nothing to run in parallel between ops.
@@ -48,10 +53,15 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = ORT_LOG_SEVERITY
-    # Shapes vary per request (and per merged batch): the CPU arena keeps its peak forever
-    # (measured: 370 MB RSS after 300 runs of B<=32, L<=256, d_model 512; 145 MB without
-    # it) and dropping it cost no measurable latency at (1,16), (1,128) or (8,128).
-    options.enable_cpu_mem_arena = False
+    # Stateless models: shapes vary per request (and per merged batch), and the CPU arena
+    # keeps its peak forever (measured: 370 MB RSS after 300 runs of B<=32, L<=256,
+    # d_model 512; 145 MB without it) while dropping it cost no measurable latency at
+    # (1,16), (1,128) or (8,128). Sequence models keep it: a step's buffers (the graph
+    # concatenates past and new keys, ~4 MB a sequence at P = 1024) fresh from the system
+    # cost a page fault per 4 KiB, and the arena took 32 sequences at P = 1024 from 228 to
+    # 703 tokens/s batched and 793 to 1341 unbatched (mha bench decode); its peak is
+    # bounded by the steps' contexts, which --kv-cache-bytes bounds.
+    options.enable_cpu_mem_arena = arena
     if not spinning:
         # ORT's idle intra-op threads spin on the cores the event loop, the gRPC threads and
         # the batcher need. Measured here (2 cores, default model, 16 clients): +31% req/s
@@ -139,7 +149,7 @@ def create_session(
     try:
         session = ort.InferenceSession(
             str(spec.model_file),
-            sess_options=session_options(threads),
+            sess_options=session_options(threads, arena=spec.sequence is not None),
             providers=list(device_plan.providers),
             provider_options=list(device_plan.options),
         )
