@@ -7,7 +7,7 @@ MHA := $(VENV)/bin/mha
 REPO ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run export test lint fmt proto bench-export bench-serve image smoke clean
+.PHONY: venv run export test lint fmt proto bench-export bench-serve bench-decode image smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-export: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(MHA) bench serve --out bench-out/serve
+
+bench-decode: $(STAMP)
+	$(MHA) bench decode --out bench-out/decode
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache
