@@ -23,7 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("mha.service.cli", "serve a model repository over the Open Inference Protocol"),
     "infer": ("mha.client.cli", "send an inference request to an OIP gRPC server"),
     "decode": ("mha.client.decode", "decode sequences step by step against a sequence model"),
-    "bench": ("mha.bench.cli", "benchmarks: `mha bench export`, `mha bench serve`"),
+    "bench": ("mha.bench.cli", "benchmarks: `mha bench export`, `serve`, `decode`"),
 }
 
 

@@ -31,7 +31,7 @@ from mha.bench import decode_report, report
 from mha.bench.decode_load import Measured, Served, Workload, decode_in_process, decode_served
 from mha.bench.decode_models import DecodeModels, ensure_models
 from mha.bench.inprocess import make_session
-from mha.bench.serve import _finite
+from mha.bench.serve import finite_json
 from mha.bench.servers import ServerFailed, ServerProcess, start_server
 from mha.client import ClientError
 from mha.errors import CliError
@@ -296,7 +296,9 @@ def run(args: argparse.Namespace) -> int:
         "agreement": bench.agreement(),
     }
     document["targets"] = print_tables(document)
-    (args.out / "bench.json").write_text(json.dumps(_finite(document), indent=1, allow_nan=False))
+    (args.out / "bench.json").write_text(
+        json.dumps(finite_json(document), indent=1, allow_nan=False)
+    )
     if not args.no_plot:
         title = f"mha bench decode (d_model {sizes.d_model}, {sizes.steps} steps)"
         decode_report.write_plot(bench.records, args.out / "bench.png", title)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from mha import contract
-from mha.bench.run import _deltas
+from mha.bench.run import counter_deltas
 from mha.bench.servers import histogram_totals
 from mha.client import AsyncClient, AsyncStream, ClientError, SequenceStep
 from mha.service.core import decoding
@@ -195,7 +195,10 @@ async def _decode_served(
         )
         seconds = time.perf_counter() - started
         after = server_counters(how)  # the sequences are still live: their caches count
-    server = {**_deltas(before, after), "cache_bytes": after["cache_bytes"] if how.cached else None}
+    server = {
+        **counter_deltas(before, after),
+        "cache_bytes": after["cache_bytes"] if how.cached else None,
+    }
     steps = [t for step_s, _ in runs for t in step_s]
     return Measured(steps, seconds, prefill, runs[0][1], server)
 

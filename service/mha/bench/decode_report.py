@@ -187,10 +187,10 @@ def agreement_table(agreement: Sequence[Row]) -> str:
 
 def write_plot(records: Sequence[Row], path: Path, title: str) -> None:
     """Tokens/s and step latency (p50 solid, p99 dashed) vs prompt length, per contestant."""
-    from mha.client.plot import PlotUnavailable, _pyplot
+    from mha.client.plot import PlotUnavailable, pyplot
 
     try:
-        plt = _pyplot()
+        plt = pyplot()
     except PlotUnavailable as err:
         print(f"mha bench decode: no plot: {err}", file=sys.stderr)
         return

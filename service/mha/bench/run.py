@@ -147,7 +147,7 @@ class PlanRunner:
         result = run_load(spec, on_progress=progress.update)
         record = self._record(point, result)
         after = self._counters(url, server)
-        record.update(_deltas(before, after))
+        record.update(counter_deltas(before, after))
         progress.end(_summary(record))
         return record
 
@@ -215,7 +215,7 @@ class PlanRunner:
         }
 
 
-def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     def delta(key: str) -> float | None:
         return after[key] - before[key] if key in before and key in after else None
 

@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         "points": results,
     }
     document["targets"] = print_tables(document, chosen)
-    (args.out / "bench.json").write_text(json.dumps(_finite(document), indent=1))
+    (args.out / "bench.json").write_text(json.dumps(finite_json(document), indent=1))
     if not args.no_plot:
         write_plot(document, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'}" + ("" if args.no_plot else " and bench.png"))
@@ -215,14 +215,14 @@ def run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _finite(value: Any) -> Any:
+def finite_json(value: Any) -> Any:
     """The document with NaN (no answers measured) as null, so the JSON is strict."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [finite_json(v) for v in value]
     return value
 
 

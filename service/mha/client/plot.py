@@ -18,7 +18,7 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     try:
         import matplotlib
 
@@ -37,7 +37,7 @@ def attention_heatmaps(
     """One heatmap per head of weights[sample] ([B, h, L, S]), query rows by key columns."""
     if weights.ndim != 4:
         raise ValueError(f"attention weights must be [B, h, L, S], got shape {weights.shape}")
-    plt = _pyplot()
+    plt = pyplot()
     heads = weights.shape[1]
     cols = min(heads, 4)
     rows = math.ceil(heads / cols)
@@ -70,7 +70,7 @@ def latency_throughput(
     panels: workload -> configuration -> (throughput rps, p50 ms, p99 ms) points, in the
     order of increasing load (p50 solid with dots, p99 dashed with crosses).
     """
-    plt = _pyplot()
+    plt = pyplot()
     cols = min(len(panels), 3) or 1
     rows = math.ceil(len(panels) / cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
