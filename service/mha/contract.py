@@ -276,3 +276,40 @@ def sequence_json(dims: Dims, model_datatype: str, max_context: int) -> dict:
             "bytes_per_token": len(CACHE_TENSORS) * dims.d_model * DTYPES[model_datatype].itemsize,
         },
     }
+
+
+# A cross-attention memory model (an encoder-decoder's cross-attention, decoding): two
+# graphs in one version folder. memory.onnx projects a memory once: key [B, S, kdim] and
+# value [B, S, vdim] -> memory_key / memory_value [B, S, E] (x W^K + b, x W^V + b; no
+# attention node). model.onnx is the step: query [B, T, E] attends the projected memory
+# under key_padding_mask [B, S] (True = padding: the sequence's own mask, and the slots
+# past its S when sequences of different S share a step) -> output [B, T, E]; one fused
+# attention node, no causal mask. The caller keeps each sequence's projected memory.
+MEMORY_KEY = "memory_key"
+MEMORY_VALUE = "memory_value"
+MEMORY_KIND = "cross_attention_memory"
+MEMORY_FILE = "memory.onnx"
+MEMORY_STEP_QUERY_TENSOR = Tensor(QUERY, ("B", "T", "E"))
+MEMORY_KEY_TENSOR = Tensor(MEMORY_KEY, ("B", "S", "E"))
+MEMORY_VALUE_TENSOR = Tensor(MEMORY_VALUE, ("B", "S", "E"))
+MEMORY_MASK_TENSOR = Tensor(KEY_PADDING_MASK, ("B", "S"), BOOL)  # always fed by the server
+MEMORY_STEP_OUTPUT_TENSOR = Tensor(OUTPUT, ("B", "T", "E"))
+
+
+def memory_step_inputs() -> tuple[Tensor, ...]:
+    """The cross step graph's inputs: query, memory_key, memory_value, key_padding_mask."""
+    return (MEMORY_STEP_QUERY_TENSOR, MEMORY_KEY_TENSOR, MEMORY_VALUE_TENSOR, MEMORY_MASK_TENSOR)
+
+
+def memory_step_outputs() -> tuple[Tensor, ...]:
+    return (MEMORY_STEP_OUTPUT_TENSOR,)
+
+
+def memory_projection_inputs() -> tuple[Tensor, ...]:
+    """memory.onnx's inputs: key [B, S, kdim], value [B, S, vdim]."""
+    return (KEY_TENSOR, VALUE_TENSOR)
+
+
+def memory_projection_outputs() -> tuple[Tensor, ...]:
+    """memory.onnx's outputs: memory_key, memory_value [B, S, E]."""
+    return (MEMORY_KEY_TENSOR, MEMORY_VALUE_TENSOR)
