@@ -313,3 +313,64 @@ def memory_projection_inputs() -> tuple[Tensor, ...]:
 def memory_projection_outputs() -> tuple[Tensor, ...]:
     """memory.onnx's outputs: memory_key, memory_value [B, S, E]."""
     return (MEMORY_KEY_TENSOR, MEMORY_VALUE_TENSOR)
+
+
+# mha.json of a cross-attention memory export. "inputs" are what a request may carry: query
+# with every request; key and value with sequence_start only (the server projects them once
+# through memory.onnx and keeps the result); key_padding_mask optional (omitted: nothing
+# padded). The step graph's own tensors, and memory.onnx's, are in "sequence".
+MEMORY_CACHE_TENSORS = (MEMORY_KEY, MEMORY_VALUE)
+MEMORY_CACHE_LAYOUT = "[B, S, E]"
+
+
+def memory_request_specs(dims: Dims, model_datatype: str) -> tuple[list[dict], list[dict]]:
+    """mha.json's "inputs" and "outputs" of a memory export, for one sequence (B = 1): query
+    [1, -1, E], key [1, -1, kdim], value [1, -1, vdim], key_padding_mask [1, -1] optional in;
+    output [1, -1, E] back."""
+
+    def spec(t: Tensor) -> dict:
+        entry: dict[str, object] = {
+            "name": t.name,
+            "datatype": datatype(t, model_datatype),
+            "shape": [1, *declared_shape(t, dims, False)[1:]],
+        }
+        if t.optional:
+            entry["optional"] = True
+        return entry
+
+    requested = (QUERY_TENSOR, KEY_TENSOR, VALUE_TENSOR, MASK_TENSOR)
+    return [spec(t) for t in requested], [spec(OUTPUT_TENSOR)]
+
+
+def memory_json_specs(tensors: tuple[Tensor, ...], dims: Dims, model_datatype: str) -> list[dict]:
+    """Graph tensors of a memory export as mha.json declares them (-1 = dynamic)."""
+    return [
+        {
+            "name": t.name,
+            "datatype": datatype(t, model_datatype),
+            "shape": declared_shape(t, dims, False),
+        }
+        for t in tensors
+    ]
+
+
+def memory_sequence_json(dims: Dims, model_datatype: str, max_context: int) -> dict:
+    """mha.json's "sequence" object of a memory export (max_context: the longest memory S)."""
+    return {
+        "kind": MEMORY_KIND,
+        "max_context": max_context,
+        "graph_inputs": memory_json_specs(memory_step_inputs(), dims, model_datatype),
+        "graph_outputs": memory_json_specs(memory_step_outputs(), dims, model_datatype),
+        "memory": {
+            "file": MEMORY_FILE,
+            "graph_inputs": memory_json_specs(memory_projection_inputs(), dims, model_datatype),
+            "graph_outputs": memory_json_specs(memory_projection_outputs(), dims, model_datatype),
+        },
+        "cache": {
+            "tensors": list(MEMORY_CACHE_TENSORS),
+            "layout": MEMORY_CACHE_LAYOUT,
+            "bytes_per_token": len(MEMORY_CACHE_TENSORS)
+            * dims.d_model
+            * DTYPES[model_datatype].itemsize,
+        },
+    }

@@ -18,7 +18,14 @@ import numpy as np
 import onnxruntime as ort
 
 from mha import contract
-from mha.service.core import decoding, devices, repository, sequences, validation
+from mha.service.core import (
+    decoding,
+    devices,
+    repository,
+    sequence_requests,
+    sequences,
+    validation,
+)
 from mha.service.core.errors import InvalidArgument, ServiceError, Unavailable
 from mha.service.core.inference import InferRequest, InferResponse
 from mha.service.core.models import Loader, ModelTable, ServedModel
@@ -166,7 +173,7 @@ class DataPlane:
         self, served: ServedModel, request: InferRequest, labels: tuple[str, str]
     ) -> InferResponse:
         spec = served.spec
-        control = sequences.sequence_control(request.parameters, spec.name)
+        control = sequence_requests.sequence_control(request.parameters, spec.name)
         if spec.sequence is not None:
             return await self._step(served, request, labels, control)
         if control is not None:
@@ -184,7 +191,7 @@ class DataPlane:
         served: ServedModel,
         request: InferRequest,
         labels: tuple[str, str],
-        control: sequences.SequenceControl | None,
+        control: sequence_requests.SequenceControl | None,
     ) -> InferResponse:
         """One step of a sequence: its cache in, the step run (batched with others), rows out."""
         spec = served.spec
@@ -195,12 +202,11 @@ class DataPlane:
                 f"parameter (int64 or string), and the first one sequence_start"
             )
         key = (spec.name, spec.version, control.sequence_id)
-        _check_one_sequence(request, key)
+        sequence_requests.check_one_sequence(request, key)
+        if spec.sequence.is_memory:
+            return await self._memory_step(served, request, labels, control, key)
         query = validation.decode(request, spec, served.limits).inputs[contract.QUERY]
-        # --max-sequence-length caps a sequence's context as well as a request's tokens.
-        context = min(spec.sequence.max_context, served.limits.max_sequence_length)
-        layout = sequences.CacheLayout(spec.d_model, contract.DTYPES[spec.dtype], context)
-        entry = await self.sequences.enter(key, layout, start=control.start, owner=request.session)
+        entry = await self._enter(served, request, control, key)
         failed = True
         try:
             self.sequences.make_room(entry, query.shape[1])
@@ -212,6 +218,68 @@ class DataPlane:
         finally:
             # A failed first request leaves no empty sequence behind.
             self.sequences.leave(entry, end=control.end or (failed and control.start))
+        return self._step_response(served, request, labels, result)
+
+    async def _memory_step(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        labels: tuple[str, str],
+        control: sequence_requests.SequenceControl,
+        key: sequences.SequenceKey,
+    ) -> InferResponse:
+        """A step over a held memory: the start request brings the memory, later ones not."""
+        spec = served.spec
+        view = sequence_requests.memory_request_spec(spec, request, control, key)
+        decoded = validation.decode(request, view, served.limits)
+        entry = await self._enter(served, request, control, key)
+        failed = True
+        try:
+            if control.start:
+                await self._hold_memory(served, entry, decoded.inputs)
+            assert entry.mask is not None
+            inputs = decoding.memory_step_inputs(
+                decoded.inputs[contract.QUERY], *entry.past(), entry.mask[None]
+            )
+            job = InferenceJob(request.id, inputs, decoding.MEMORY_OUTPUTS, request.deadline)
+            result = await self._run(served, job, request, labels)
+            failed = False
+        finally:
+            self.sequences.leave(entry, end=control.end or (failed and control.start))
+        return self._step_response(served, request, labels, result)
+
+    async def _enter(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        control: sequence_requests.SequenceControl,
+        key: sequences.SequenceKey,
+    ) -> sequences.Sequence:
+        """The sequence, its turn taken; its cache layout from the model."""
+        spec = served.spec
+        assert spec.sequence is not None
+        # --max-sequence-length caps a sequence's context as well as a request's tokens.
+        context = min(spec.sequence.max_context, served.limits.max_sequence_length)
+        layout = sequences.CacheLayout(spec.d_model, contract.DTYPES[spec.dtype], context)
+        return await self.sequences.enter(key, layout, start=control.start, owner=request.session)
+
+    async def _hold_memory(
+        self, served: ServedModel, entry: sequences.Sequence, inputs: dict[str, np.ndarray]
+    ) -> None:
+        """Project the start request's memory once (memory.onnx) and keep it, with its mask."""
+        runner = served.loaded.memory_runner
+        assert runner is not None
+        self.sequences.make_room(entry, inputs[contract.KEY].shape[1])
+        feeds = {contract.KEY: inputs[contract.KEY], contract.VALUE: inputs[contract.VALUE]}
+        names = (contract.MEMORY_KEY, contract.MEMORY_VALUE)
+        loop = asyncio.get_running_loop()
+        projected = await loop.run_in_executor(self.loader.executor, runner, feeds, names)
+        entry.append(projected[contract.MEMORY_KEY][0], projected[contract.MEMORY_VALUE][0])
+        entry.mask = np.array(inputs[contract.KEY_PADDING_MASK][0], dtype=bool)
+
+    def _step_response(
+        self, served: ServedModel, request: InferRequest, labels: tuple[str, str], result: JobResult
+    ) -> InferResponse:
         self.metrics.step_seconds.labels(*labels).observe(time.monotonic() - request.received)
         outputs = {contract.OUTPUT: result.outputs[contract.OUTPUT]}
         return self._response(served, request, labels, result, outputs)
@@ -266,13 +334,3 @@ class DataPlane:
         self.metrics.request_done(*labels, _outcome(err), elapsed)
         if labels[0]:
             self.metrics.statistics.failure(*labels, int(elapsed * 1e9))
-
-
-def _check_one_sequence(request: InferRequest, key: sequences.SequenceKey) -> None:
-    """A sequence request carries one sequence: query's batch size must be 1."""
-    for tensor in request.inputs:
-        if tensor.name == contract.QUERY and tensor.shape and tensor.shape[0] != 1:
-            raise InvalidArgument(
-                f"{sequences.describe(key)}: input 'query' has batch size {tensor.shape[0]}; "
-                f"a sequence request carries exactly one sequence (batch size 1)"
-            )

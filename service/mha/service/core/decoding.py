@@ -145,6 +145,62 @@ class StepRuns:
         """Each sequence's own T rows of every output it asked for."""
         answers = []
         for inputs, names, (i0, i1) in zip(jobs, asked, spans, strict=True):
-            _, new = _lengths(inputs)
+            new = inputs[QUERY].shape[1]
             answers.append({n: np.ascontiguousarray(outputs[n][i0:i1, :new]) for n in names})
         return answers
+
+
+MEMORY = (contract.MEMORY_KEY, contract.MEMORY_VALUE)
+MEMORY_OUTPUTS = (contract.OUTPUT,)
+
+
+def memory_step_inputs(
+    query: np.ndarray, memory_key: np.ndarray, memory_value: np.ndarray, mask: np.ndarray
+) -> dict[str, np.ndarray]:
+    """A memory step's feeds for one sequence: query [1, T, E], memory [1, S, E], mask [1, S]."""
+    return {
+        QUERY: query,
+        contract.MEMORY_KEY: memory_key,
+        contract.MEMORY_VALUE: memory_value,
+        MASK: mask,
+    }
+
+
+class MemoryRuns(StepRuns):
+    """How steps over held memories share a run: memories padded to the longest S (masked),
+    new rows to the longest T (their outputs dropped). Same scratch reuse as StepRuns."""
+
+    @staticmethod
+    def _memory_lengths(inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
+        return int(inputs[contract.MEMORY_KEY].shape[1]), int(inputs[QUERY].shape[1])
+
+    def shape(self, inputs: Mapping[str, np.ndarray]) -> Shape:
+        memory, new = self._memory_lengths(inputs)
+        return Shape(B=1, L=new, S=memory)
+
+    def fraction(self, shapes: Sequence[Shape]) -> float:
+        """Padded memory slots / all slots of the batch."""
+        if not shapes:
+            return 0.0
+        total = len(shapes) * max(s.S for s in shapes)
+        return (total - sum(s.S for s in shapes)) / total
+
+    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> Merged:
+        lengths = [self._memory_lengths(inputs) for inputs in jobs]
+        longest_memory = max(s for s, _ in lengths)
+        longest_new = max(t for _, t in lengths)
+        first = jobs[0][QUERY]
+        count, row, dtype = len(jobs), first.shape[2], first.dtype
+        scratch = self._take()
+        feeds = {
+            QUERY: scratch.array(QUERY, (count, longest_new, row), dtype, 0),
+            **{n: scratch.array(n, (count, longest_memory, row), dtype, 0) for n in MEMORY},
+            MASK: scratch.array(MASK, (count, longest_memory), np.dtype(bool), True),
+        }
+        for i, (inputs, (memory, new)) in enumerate(zip(jobs, lengths, strict=True)):
+            feeds[QUERY][i, :new] = inputs[QUERY][0]
+            for name in MEMORY:
+                feeds[name][i, :memory] = inputs[name][0]
+            feeds[MASK][i, :memory] = inputs[MASK][0]
+        spans = [(i, i + 1) for i in range(count)]
+        return Merged(feeds, spans, count, longest_new, longest_memory, scratch)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from mha.service.core import runtime
 from mha.service.core.batching import BatchingOptions, BatchingScheduler
-from mha.service.core.decoding import StepRuns
+from mha.service.core.decoding import MemoryRuns, StepRuns
 from mha.service.core.devices import CUDA, DevicePlan
 from mha.service.core.errors import NotFound, StartupError, Unavailable
 from mha.service.core.metrics import Metrics
@@ -160,7 +160,8 @@ class Loader:
             options = dataclasses.replace(options, policy="fifo")
             return BatchingScheduler(
                 runner, options, self_attention=True, metrics=self.metrics, labels=labels,
-                executor=self.executor, runs=StepRuns(),
+                executor=self.executor,
+                runs=MemoryRuns() if spec.sequence.is_memory else StepRuns(),
             )  # fmt: skip
         return BatchingScheduler(
             runner, options, self_attention=spec.self_attention, metrics=self.metrics,

@@ -37,10 +37,30 @@ class TensorSpec:
 class SequenceSpec:
     """A sequence (KV cache) model's step graph, from mha.json's "sequence" object."""
 
-    kind: str  # contract.SEQUENCE_KIND
-    max_context: int  # tokens one sequence may hold
-    graph_inputs: tuple[TensorSpec, ...]  # the step graph's (contract.step_inputs)
-    graph_outputs: tuple[TensorSpec, ...]  # (contract.step_outputs)
+    kind: str  # contract.SEQUENCE_KIND or contract.MEMORY_KIND
+    max_context: int  # tokens one sequence may hold (a memory: its length S)
+    graph_inputs: tuple[TensorSpec, ...]  # the step graph's (contract.step_inputs ...)
+    graph_outputs: tuple[TensorSpec, ...]  # (contract.step_outputs ...)
+    memory_file: str | None = None  # a memory model's projection graph (memory.onnx)
+    memory_inputs: tuple[TensorSpec, ...] = ()  # key, value
+    memory_outputs: tuple[TensorSpec, ...] = ()  # memory_key, memory_value
+
+    @property
+    def is_memory(self) -> bool:
+        """A cross-attention memory sequence (sent once), not a growing KV cache."""
+        return self.kind == contract.MEMORY_KIND
+
+    def contract_tensors(self) -> dict[str, contract.Tensor]:
+        """The contract's tensors of this kind's graphs, by name."""
+        if self.is_memory:
+            graphs = (*contract.memory_step_inputs(), *contract.memory_step_outputs())
+            graphs += (*contract.memory_projection_inputs(), *contract.memory_projection_outputs())
+        else:
+            graphs = (*contract.step_inputs(), *contract.step_outputs())
+        tensors: dict[str, contract.Tensor] = {}
+        for tensor in graphs:
+            tensors.setdefault(tensor.name, tensor)  # a step's query before memory.onnx's
+        return tensors
 
 
 @dataclass(frozen=True)
@@ -92,8 +112,8 @@ class ModelSpec:
         sizes: B, L and S for a stateless model; B, T, P and C (= P + T) for a step graph.
         """
         if self.sequence is not None:
-            tensors = {t.name: t for t in (*contract.step_inputs(), *contract.step_outputs())}
-            return contract.concrete_shape(tensors[name], self.dims, True, sizes)
+            tensor = self.sequence.contract_tensors()[name]
+            return contract.concrete_shape(tensor, self.dims, False, sizes)
         return contract.concrete_shape(contract.tensor(name), self.dims, self.self_attention, sizes)
 
     def input(self, name: str) -> TensorSpec | None:
@@ -120,15 +140,18 @@ def _sequence(config: dict[str, Any]) -> SequenceSpec | None:
     section = config.get("sequence")
     if section is None:
         return None
-    if section.get("kind") != contract.SEQUENCE_KIND:
-        raise ValueError(
-            f"sequence kind {section.get('kind')!r}; this server runs {contract.SEQUENCE_KIND!r}"
-        )
+    kinds = (contract.SEQUENCE_KIND, contract.MEMORY_KIND)
+    if section.get("kind") not in kinds:
+        raise ValueError(f"sequence kind {section.get('kind')!r}; this server runs {kinds}")
+    memory = section.get("memory") or {}
     return SequenceSpec(
         kind=str(section["kind"]),
         max_context=int(section["max_context"]),
         graph_inputs=_tensors(section["graph_inputs"]),
         graph_outputs=_tensors(section["graph_outputs"]),
+        memory_file=memory.get("file"),
+        memory_inputs=_tensors(memory.get("graph_inputs", [])),
+        memory_outputs=_tensors(memory.get("graph_outputs", [])),
     )
 
 

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -18,7 +19,7 @@ import onnxruntime as ort
 from mha import contract
 from mha.service.core import devices
 from mha.service.core.errors import StartupError
-from mha.service.core.repository import ModelSpec
+from mha.service.core.repository import ModelSpec, TensorSpec
 from mha.service.core.scheduling import Runner
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class LoadedModel:
     provider: str  # execution provider in use, e.g. CPUExecutionProvider
     runner: Runner
     load_seconds: float
+    memory_runner: Runner | None = None  # a memory model's projection (memory.onnx)
 
 
 def session_options(
@@ -128,12 +130,14 @@ class ZeroRunner:
         return {name: np.zeros(self.spec.shape_of(name, sizes), self.dtype) for name in outputs}
 
 
-def warmup_feeds(spec: ModelSpec, length: int = WARMUP_LENGTH) -> dict[str, np.ndarray]:
+def warmup_feeds(
+    spec: ModelSpec, tensors: Sequence[TensorSpec] | None = None, length: int = WARMUP_LENGTH
+) -> dict[str, np.ndarray]:
     """Small random inputs for every graph input (B=1, L=S=length; a step: P=T=length)."""
     rng = np.random.default_rng(0)
     sizes = {"B": 1, "L": length, "S": length, "T": length, "P": length, "C": 2 * length}
     feeds: dict[str, np.ndarray] = {}
-    for tensor in spec.graph_inputs:
+    for tensor in spec.graph_inputs if tensors is None else tensors:
         shape = spec.shape_of(tensor.name, sizes)
         if tensor.datatype == "BOOL":
             feeds[tensor.name] = np.zeros(shape, dtype=bool)
@@ -143,18 +147,19 @@ def warmup_feeds(spec: ModelSpec, length: int = WARMUP_LENGTH) -> dict[str, np.n
 
 
 def create_session(
-    spec: ModelSpec, device_plan: devices.DevicePlan, threads: int
+    spec: ModelSpec, device_plan: devices.DevicePlan, threads: int, path: Path | None = None
 ) -> tuple[ort.InferenceSession, str]:
-    """A session for one model version and the provider it really uses."""
+    """A session for one model version (or its memory.onnx) and the provider it really uses."""
+    path = spec.model_file if path is None else path
     try:
         session = ort.InferenceSession(
-            str(spec.model_file),
+            str(path),
             sess_options=session_options(threads, arena=spec.sequence is not None),
             providers=list(device_plan.providers),
             provider_options=list(device_plan.options),
         )
     except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
-        raise StartupError(f"{spec.model_file}: ONNX Runtime cannot load it: {err}") from err
+        raise StartupError(f"{path}: ONNX Runtime cannot load it: {err}") from err
     label = f"{spec.name}/{spec.version}"
     provider = devices.check_session_providers(device_plan, session.get_providers(), label)
     return session, provider
@@ -169,10 +174,22 @@ def load(
     runner: Runner = ZeroRunner(spec) if no_compute else SessionRunner(session, provider)
     feeds = warmup_feeds(spec)
     SessionRunner(session, provider)(feeds, spec.graph_output_names)
+    memory_runner = load_memory(spec, device_plan, threads)
     seconds = time.monotonic() - start
     log.info(
         "model %s version %d loaded on %s (%d threads, target %s, %s) in %.2f s%s",
         spec.name, spec.version, provider, threads, spec.target, spec.dtype, seconds,
         " [no-compute: answers are zeros]" if no_compute else "",
     )  # fmt: skip
-    return LoadedModel(spec=spec, provider=provider, runner=runner, load_seconds=seconds)
+    return LoadedModel(spec, provider, runner, seconds, memory_runner)
+
+
+def load_memory(spec: ModelSpec, device_plan: devices.DevicePlan, threads: int) -> Runner | None:
+    """A memory model's projection graph, warmed up (None for every other model)."""
+    sequence = spec.sequence
+    if sequence is None or not sequence.is_memory or sequence.memory_file is None:
+        return None
+    session, provider = create_session(spec, device_plan, threads, spec.path / sequence.memory_file)
+    runner = SessionRunner(session, provider)
+    runner(warmup_feeds(spec, sequence.memory_inputs), [t.name for t in sequence.memory_outputs])
+    return runner

@@ -23,13 +23,13 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mha.service.core.errors import InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from mha.service.core.errors import NotFound, OutOfRange, ResourceExhausted
 from mha.service.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Sequence:
     keys: np.ndarray  # [capacity, E]
     values: np.ndarray  # [capacity, E]
     length: int = 0
+    mask: np.ndarray | None = None  # a memory's key_padding_mask [S] (True = padding)
     owner: Hashable | None = None  # the stream that started it, if any
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -142,6 +143,7 @@ class SequenceStore:
             return await self.enter(key, layout, start=start, owner=owner)
         if start:
             sequence.length = 0
+            sequence.mask = None
             sequence.owner = owner
         return sequence
 
@@ -254,47 +256,6 @@ class SequenceStore:
         if self.metrics is not None:
             self.metrics.sequences_active.set(len(self.active))
             self.metrics.cache_bytes.set(self.used_bytes)
-
-
-@dataclass(frozen=True)
-class SequenceControl:
-    """A request's sequence parameters (Triton's sequence extension)."""
-
-    sequence_id: SequenceId
-    start: bool
-    end: bool
-
-
-SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
-
-
-def sequence_control(parameters: Mapping[str, object], model: str) -> SequenceControl | None:
-    """The sequence parameters of a request, None when it has no sequence_id.
-
-    sequence_id is int64 or string (0 and "" mean none, as in Triton's clients);
-    sequence_start and sequence_end are bool. InvalidArgument names a wrong type.
-    """
-    sequence_id = parameters.get("sequence_id")
-    for flag in ("sequence_start", "sequence_end"):
-        if flag in parameters and not isinstance(parameters[flag], bool):
-            raise InvalidArgument(
-                f"parameter {flag!r} must be a bool_param, got {parameters[flag]!r}"
-            )
-    if sequence_id is None or sequence_id == 0 or sequence_id == "":
-        if parameters.get("sequence_start") or parameters.get("sequence_end"):
-            raise InvalidArgument(
-                f"model {model!r}: sequence_start / sequence_end need a sequence_id"
-            )
-        return None
-    if isinstance(sequence_id, bool) or not isinstance(sequence_id, int | str):
-        raise InvalidArgument(
-            f"parameter 'sequence_id' must be an int64_param or a string_param, got {sequence_id!r}"
-        )
-    return SequenceControl(
-        sequence_id,
-        bool(parameters.get("sequence_start", False)),
-        bool(parameters.get("sequence_end", False)),
-    )
 
 
 def machine_cache_bytes(fraction: float = 0.25) -> int:

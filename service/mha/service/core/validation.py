@@ -58,8 +58,18 @@ def check_structure(inputs: Sequence[InputTensor], spec: ModelSpec) -> dict[str,
             raise InvalidArgument(
                 f"missing input {expected_input.name!r} for model {spec.name!r} "
                 f"({expected_input.datatype} {list(expected_input.shape)})"
+                + _memory_hint(expected_input.name, spec)
             )
     return by_name
+
+
+def _memory_hint(missing: str, spec: ModelSpec) -> str:
+    if missing not in (contract.KEY, contract.VALUE) or spec.sequence is not None:
+        return ""
+    return (
+        "; a cross-attention model takes key and value with every request (a model exported "
+        "with --cross --kv-cache holds a sequence's memory and takes query alone)"
+    )
 
 
 def check_header(tensor: InputTensor, expected: TensorSpec, limits: Limits) -> None:
