@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from mha import contract
 from mha.service.core.batching import BatchingOptions, BatchingScheduler
-from mha.service.core.decoding import STEP_OUTPUTS, StepRuns, step_inputs
+from mha.service.core.decoding import (
+    MEMORY_OUTPUTS,
+    STEP_OUTPUTS,
+    MemoryRuns,
+    StepRuns,
+    memory_step_inputs,
+    step_inputs,
+)
 from mha.service.core.scheduling import InferenceJob
 
 E = 64
@@ -100,3 +107,50 @@ def test_padding_fraction_counts_padded_context_slots() -> None:
     ]
     # slots: 2 x (6 + 3) = 18, real: 7 + 5 = 12
     assert runs.fraction([runs.shape(j) for j in jobs]) == pytest.approx(6 / 18)
+
+
+@pytest.fixture(scope="module")
+def memory_step_session(exported: Callable[..., Path]) -> ort.InferenceSession:
+    folder = exported(target="ort", kv_cache=True, self_attention=False, kdim=48, vdim=40)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / "model.onnx"), options,
+                                providers=["CPUExecutionProvider"])  # fmt: skip
+
+
+memories = st.lists(
+    st.tuples(st.integers(1, 40), st.integers(0, 40), st.integers(1, 4)),  # (S, padded, T)
+    min_size=1, max_size=6,
+)  # fmt: skip
+
+
+@given(plan=memories, seed=st.integers(0, 2**16))
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_batched_memory_steps_equal_each_step_alone(memory_step_session, plan, seed) -> None:
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for i, (length, padded, new) in enumerate(plan):
+        memory = [rng.standard_normal((1, length, E)).astype(np.float32) for _ in range(2)]
+        mask = np.zeros((1, length), bool)
+        mask[0, length - min(padded, length) :] = padded > 0
+        query = rng.standard_normal((1, new, E)).astype(np.float32)
+        inputs = memory_step_inputs(query, *memory, mask)
+        jobs.append(InferenceJob(f"m{i}", inputs, MEMORY_OUTPUTS))
+    runner = CountingRunner(run(memory_step_session))
+    options = BatchingOptions(max_batch_size=32, policy="fifo", max_padding_fraction=1.0)
+    scheduler = BatchingScheduler(runner, options, self_attention=True, runs=MemoryRuns())
+
+    async def all_at_once() -> list:
+        try:
+            return await asyncio.gather(*(scheduler.submit(job) for job in jobs))
+        finally:
+            await scheduler.close()
+
+    results = asyncio.run(all_at_once())
+    assert runner.calls == 1
+    for job, result in zip(jobs, results, strict=True):
+        alone = run(memory_step_session)(job.inputs, MEMORY_OUTPUTS)
+        np.testing.assert_allclose(result.outputs["output"], alone["output"], rtol=0, atol=ATOL,
+                                   err_msg=job.request_id)  # fmt: skip
