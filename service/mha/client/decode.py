@@ -2,9 +2,13 @@
 
 Each sequence sends a random prompt of --prompt tokens, then --steps steps of --tokens new
 tokens, over one ModelStreamInfer stream (requests of all sequences interleaved) or unary
-calls (--unary). With --compare MODEL_DIR every answer is checked against the full causal
-forward run locally: the model's own step graph from an empty cache over the whole sequence
-so far, which the export proved equal to eager PyTorch.
+calls (--unary). Against a cross-attention memory model (`--cross --kv-cache`) the first
+request also carries a random memory of --memory tokens (the last --padded of them masked),
+which the server holds for the later steps. With --compare MODEL_DIR every answer is checked
+against the model's own graphs run locally: for a KV-cache model the full causal forward
+(the step graph from an empty cache over the whole sequence so far), for a memory model the
+memory projected by memory.onnx and the step over it; the export proved both equal to eager
+PyTorch.
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
                         help="sequences decoded at once (default: 1)")  # fmt: skip
     parser.add_argument("--unary", action="store_true", help="ModelInfer calls, not a stream")
     parser.add_argument(
+        "--memory",
+        type=int,
+        default=32,
+        help="memory tokens of a cross-attention memory model (default: 32)",
+    )
+    parser.add_argument("--padded", type=int, default=0,
+                        help="of them, masked as padding at the end (default: 0)")  # fmt: skip
+    parser.add_argument(
         "--compare", type=Path, metavar="MODEL_DIR",
         help="check every step against the full causal forward run locally",
     )  # fmt: skip
@@ -49,19 +61,42 @@ class Decoded:
 
     sequence_id: str
     sent: list[np.ndarray] = field(default_factory=list)
+    memory: dict[str, np.ndarray] = field(default_factory=dict)  # sent with the first step
     answers: list[np.ndarray] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
 
-def plan(args: argparse.Namespace, width: int, dtype: np.dtype) -> list[Decoded]:
-    if min(args.prompt, args.tokens, args.sequences) < 1 or args.steps < 0:
-        raise CliError("--prompt, --tokens and --sequences must be >= 1 and --steps >= 0")
+def plan(args: argparse.Namespace, widths: dict[str, int], dtype: np.dtype) -> list[Decoded]:
+    """Random tokens per sequence; widths: query's E, and key's / value's for a memory."""
+    if min(args.prompt, args.tokens, args.sequences, args.memory) < 1 or args.steps < 0:
+        raise CliError("--prompt, --tokens, --sequences, --memory must be >= 1, --steps >= 0")
+    if not 0 <= args.padded <= args.memory:
+        raise CliError(f"--padded {args.padded} must be between 0 and --memory {args.memory}")
     rng = np.random.default_rng(args.seed)
     sequences = [Decoded(f"decode-{args.seed}-{i}") for i in range(args.sequences)]
     for decoded in sequences:
         for size in [args.prompt] + [args.tokens] * args.steps:
-            decoded.sent.append(rng.standard_normal((1, size, width)).astype(dtype))
+            decoded.sent.append(
+                rng.standard_normal((1, size, widths[contract.QUERY])).astype(dtype)
+            )
+        if contract.KEY in widths:
+            decoded.memory = random_memory(rng, args, widths, dtype)
     return sequences
+
+
+def random_memory(
+    rng: np.random.Generator, args: argparse.Namespace, widths: dict[str, int], dtype: np.dtype
+) -> dict[str, np.ndarray]:
+    mask = np.zeros((1, args.memory), bool)
+    mask[0, args.memory - args.padded :] = True
+    return {
+        name: rng.standard_normal((1, args.memory, widths[name])).astype(dtype)
+        for name in (contract.KEY, contract.VALUE)
+    } | {contract.KEY_PADDING_MASK: mask}
+
+
+def step_inputs(decoded: Decoded, step: int) -> dict[str, np.ndarray]:
+    return {contract.QUERY: decoded.sent[step], **(decoded.memory if step == 0 else {})}
 
 
 def control(decoded: Decoded, step: int) -> SequenceStep:
@@ -71,7 +106,7 @@ def control(decoded: Decoded, step: int) -> SequenceStep:
 def run_unary(client: Client, args: argparse.Namespace, sequences: list[Decoded]) -> None:
     for step in range(len(sequences[0].sent)):
         for decoded in sequences:
-            inputs = {contract.QUERY: decoded.sent[step]}
+            inputs = step_inputs(decoded, step)
             step_of = control(decoded, step)
             result = client.infer(args.model, inputs, version=args.version, sequence=step_of)
             decoded.answers.append(result.outputs[contract.OUTPUT])
@@ -84,7 +119,7 @@ def run_stream(client: Client, args: argparse.Namespace, sequences: list[Decoded
         for step in range(len(sequences[0].sent)):
             started = time.perf_counter()
             for decoded in sequences:
-                stream.send(args.model, {contract.QUERY: decoded.sent[step]}, version=args.version,
+                stream.send(args.model, step_inputs(decoded, step), version=args.version,
                             request_id=f"{decoded.sequence_id}/{step}",
                             sequence=control(decoded, step))  # fmt: skip
             by_id = {}
@@ -99,34 +134,49 @@ def run_stream(client: Client, args: argparse.Namespace, sequences: list[Decoded
                 decoded.seconds.append(time.perf_counter() - started)
 
 
-def full_forward(model_dir: Path):  # type: ignore[no-untyped-def]
-    """The local oracle: the step graph from an empty cache over a whole sequence."""
+def local_oracle(model_dir: Path):  # type: ignore[no-untyped-def]
+    """oracle(decoded, step) -> the rows the step must answer, and the model's tolerance."""
     import onnxruntime as ort
 
     model, config = model_files(model_dir)
-    if not (config or {}).get("sequence"):
-        raise CompareError(
-            f"--compare {model_dir}: not a sequence model (no 'sequence' in mha.json)"
-        )
+    sequence = (config or {}).get("sequence")
+    if not sequence:
+        raise CompareError(f"--compare {model_dir}: not a sequence model (mha.json: no sequence)")
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    if sequence.get("kind") == contract.MEMORY_KIND:
+        memory = ort.InferenceSession(
+            str(model.parent / contract.MEMORY_FILE), providers=["CPUExecutionProvider"]
+        )
 
-    def run(tokens: np.ndarray) -> np.ndarray:
+        def over_memory(decoded: Decoded, step: int) -> np.ndarray:
+            sent = decoded.memory
+            projected = memory.run(None, {n: sent[n] for n in (contract.KEY, contract.VALUE)})
+            feeds = {contract.QUERY: decoded.sent[step], contract.MEMORY_KEY: projected[0],
+                     contract.MEMORY_VALUE: projected[1],
+                     contract.KEY_PADDING_MASK: sent[contract.KEY_PADDING_MASK]}  # fmt: skip
+            return np.asarray(session.run([contract.OUTPUT], feeds)[0])
+
+        return over_memory, tolerance(config)
+
+    def full_causal(decoded: Decoded, step: int) -> np.ndarray:
+        tokens = np.concatenate(decoded.sent[: step + 1], axis=1)
         empty = np.zeros((1, 0, tokens.shape[2]), tokens.dtype)
         feeds = {contract.QUERY: tokens, contract.PAST_KEY: empty, contract.PAST_VALUE: empty,
                  contract.KEY_PADDING_MASK: np.zeros((1, tokens.shape[1]), bool)}  # fmt: skip
-        return np.asarray(session.run([contract.OUTPUT], feeds)[0])
+        rows = np.asarray(session.run([contract.OUTPUT], feeds)[0])
+        return rows[:, -decoded.sent[step].shape[1] :]
 
-    return run, tolerance(config)
+    return full_causal, tolerance(config)
 
 
 def compare_steps(model_dir: Path, sequences: list[Decoded]) -> bool:
     """Print the worst error per sequence; True when every step is within tolerance."""
-    run, (atol, rtol) = full_forward(model_dir)
+    oracle, (atol, rtol) = local_oracle(model_dir)
     passed = True
     for decoded in sequences:
         worst, worst_step = 0.0, 0
         for step, answer in enumerate(decoded.answers):
-            want = run(np.concatenate(decoded.sent[: step + 1], axis=1))[:, -answer.shape[1] :]
+            want = oracle(decoded, step)
             diff = np.abs(answer.astype(np.float64) - want)
             ratio = float((diff / (atol + rtol * np.abs(want))).max())
             if ratio > worst:
@@ -143,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         with Client(args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes) as c:
             metadata = c.model_metadata(args.model, args.version)
+            widths = {t.name: int(t.shape[-1]) for t in metadata.inputs if t.datatype != "BOOL"}
             query = next((t for t in metadata.inputs if t.name == contract.QUERY), None)
-            if query is None or metadata.inputs[0].datatype not in contract.DTYPES:
+            if query is None or query.datatype not in contract.DTYPES:
                 raise CliError(f"model {args.model!r} takes no float query input")
-            sequences = plan(args, int(query.shape[-1]), contract.DTYPES[query.datatype])
+            sequences = plan(args, widths, contract.DTYPES[query.datatype])
             started = time.perf_counter()
             (run_unary if args.unary else run_stream)(c, args, sequences)
             seconds = time.perf_counter() - started
