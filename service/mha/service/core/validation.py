@@ -130,6 +130,8 @@ def check_agreement(by_name: dict[str, InputTensor], self_attention: bool) -> No
                 f"input {name!r}: batch size {shape[0]} does not match query's {batch}"
             )
     source = contract.QUERY if self_attention else contract.KEY
+    if source not in shapes:  # a memory sequence's step: query alone, the memory is held
+        return
     length = shapes[source][1]
     for name in contract.KEY_SIDE:
         if name != source and name in shapes and shapes[name][1] != length:
@@ -213,7 +215,7 @@ def decode(request: InferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
     check_agreement(by_name, spec.self_attention)
     outputs = requested_outputs(request.outputs, spec)
     arrays = {tensor.name: decode_tensor(tensor) for tensor in request.inputs}
-    if contract.KEY_PADDING_MASK not in arrays:
+    if contract.KEY_PADDING_MASK not in arrays and spec.input(contract.KEY_PADDING_MASK):
         query_or_key = arrays[contract.QUERY if spec.self_attention else contract.KEY]
         arrays[contract.KEY_PADDING_MASK] = np.zeros(query_or_key.shape[:2], dtype=bool)
     inputs = {t.name: arrays[t.name] for t in spec.inputs}  # graph order
