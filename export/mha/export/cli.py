@@ -51,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
         "--kv-cache",
         action="store_true",
         help="export the decoding step graph of causal self-attention (implies --causal): "
-        "query, past_key, past_value, key_padding_mask in; output, new_key, new_value out",
+        "query, past_key, past_value, key_padding_mask in; output, new_key, new_value out. "
+        "With --cross: memory.onnx (key, value -> memory_key, memory_value) and the step "
+        "over that memory (query, memory_key, memory_value, key_padding_mask -> output)",
     )
     graph.add_argument(
         "--attention-weights", action="store_true", help="add the attention_weights output"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import shutil
 import time
@@ -24,7 +25,8 @@ from mha.export.cases import parity_cases
 from mha.export.decode_cases import decoding_cases
 from mha.export.failures import ExportValidationError, ValidationFailure
 from mha.export.fused_ops import translation_table
-from mha.export.graph import StepGraph, build_graph
+from mha.export.graph import MemoryGraph, MemoryStepGraph, StepGraph, build_graph
+from mha.export.memory_cases import memory_cases
 from mha.export.onnx_graph import annotate_fused_outputs, drop_unused_outputs, name_io_axes
 from mha.export.options import TARGETS, TOLERANCE, ExportOptions
 from mha.export.signature import (
@@ -32,12 +34,16 @@ from mha.export.signature import (
     dynamic_shapes,
     example_inputs,
     io_shapes,
+    memory_dynamic_shapes,
+    memory_example_inputs,
+    memory_io_shapes,
     step_dynamic_shapes,
     step_example_inputs,
     step_io_shapes,
 )
 from mha.export.sources import WeightsSource, from_module, load_source
 from mha.export.step_ops import step_translation_table
+from mha.export.validate_memory import MemorySessions, check_memory
 from mha.export.validate_step import check_decoding
 from mha.model.attention import MultiHeadAttention
 
@@ -80,6 +86,15 @@ def trace_spec(module: MultiHeadAttention, options: ExportOptions) -> TraceSpec:
     """The full-sequence graph, or with options.kv_cache the decoding step graph."""
     dtype, fused = TORCH_DTYPE[options.dtype], bool(TARGETS[options.target].node)
     config = module.config
+    if options.memory:
+        tensors = (*contract.memory_step_inputs(), *contract.memory_step_outputs())
+        return TraceSpec(
+            MemoryStepGraph(module, fused).eval(),
+            memory_example_inputs(contract.memory_step_inputs(), config, dtype),
+            memory_dynamic_shapes(contract.memory_step_inputs(), config),
+            translation_table(options.target),
+            memory_io_shapes(tensors, config),
+        )
     if options.kv_cache:
         module.check_decodable()  # ValueError for weights with kdim or vdim != d_model
         return TraceSpec(
@@ -98,10 +113,27 @@ def trace_spec(module: MultiHeadAttention, options: ExportOptions) -> TraceSpec:
     )
 
 
-def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
+def memory_trace_spec(module: MultiHeadAttention, options: ExportOptions) -> TraceSpec:
+    """memory.onnx of a memory export: the K/V projections, no attention."""
+    config, inputs = module.config, contract.memory_projection_inputs()
+    tensors = (*inputs, *contract.memory_projection_outputs())
+    return TraceSpec(
+        MemoryGraph(module).eval(),
+        memory_example_inputs(inputs, config, TORCH_DTYPE[options.dtype]),
+        memory_dynamic_shapes(inputs, config),
+        {},
+        memory_io_shapes(tensors, config),
+    )
+
+
+def trace(
+    source: WeightsSource,
+    options: ExportOptions,
+    spec_of: Callable[[MultiHeadAttention, ExportOptions], TraceSpec] = trace_spec,
+) -> onnx.ModelProto:
     """torch.onnx (dynamo) export with the target's fused-op translation."""
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
-    spec = trace_spec(module, options)
+    spec = spec_of(module, options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -127,6 +159,8 @@ def trace(source: WeightsSource, options: ExportOptions) -> onnx.ModelProto:
 def structure_failures(model: onnx.ModelProto, options: ExportOptions) -> list[ValidationFailure]:
     """onnx.checker, shape inference, names and the fused-node rule."""
     failures = validate.check_onnx(model)
+    if options.memory:
+        return failures + validate.check_memory_step_structure(model, options.target)
     if options.kv_cache:
         return failures + validate.check_step_structure(model, options.target)
     return failures + validate.check_structure(
@@ -151,6 +185,8 @@ def tensor_specs(options: ExportOptions, module: MultiHeadAttention) -> tuple[li
     its step graph's own tensors are in mha.json's "sequence" object.
     """
     dims = contract_dims(module.config)
+    if options.memory:
+        return contract.memory_request_specs(dims, options.dtype.upper())
     if options.kv_cache:
         return contract.sequence_request_specs(dims, options.dtype.upper())
     return contract.json_specs(
@@ -197,7 +233,8 @@ def model_config(options, source, results) -> dict:
     }
     if options.kv_cache:
         dims, dtype = contract_dims(cfg), options.dtype.upper()
-        config["sequence"] = contract.sequence_json(dims, dtype, options.max_sequence_length)
+        sequence_json = contract.memory_sequence_json if options.memory else contract.sequence_json
+        config["sequence"] = sequence_json(dims, dtype, options.max_sequence_length)
     return config
 
 
@@ -225,9 +262,12 @@ def export_model(
         2, f"trace with torch.onnx and emit {TARGETS[options.target].node or 'MatMul/Softmax'}"
     ):
         model = trace(source, options)
+        memory = trace(source, options, memory_trace_spec) if options.memory else None
     with timer.step(3, "check graph (onnx.checker, shape inference, fused node)"):
         failures = structure_failures(model, options)
-    config, results, files = install_validated(model, options, source, failures, timer)
+        if memory is not None:
+            failures += validate.check_onnx(memory) + validate.check_memory_structure(memory)
+    config, results, files = install_validated(model, options, source, failures, timer, memory)
     seconds = time.perf_counter() - start
     return ExportResult(options, options.model_dir, files, config, results, seconds, timer.seconds)
 
@@ -238,22 +278,27 @@ def install_validated(
     source: WeightsSource,
     failures: list[ValidationFailure],
     timer: StepTimer,
+    memory: onnx.ModelProto | None = None,
 ) -> tuple[dict, list[validate.CaseResult], list[Path]]:
     """Write into a staging folder, check parity there, install only when nothing failed.
 
-    Returns mha.json's document, the parity results and the installed files.
+    memory: a memory export's memory.onnx, written beside model.onnx. Returns mha.json's
+    document, the parity results and the installed files.
     """
     staging = repository.staging_dir(options.model_dir)
     try:
         with timer.step(4, "write model files"):
             config = model_config(options, source, [])
             files = repository.write_version(model, config, staging, options.external_data)
+            if memory is not None:
+                memory_file = contract.MEMORY_FILE
+                files += repository.save_model(memory, staging, options.external_data, memory_file)
         results = staged_parity(staging, options, source, timer)
         failures = [*failures, *validate.parity_failures(results)]
         if failures:
             raise ExportValidationError(failures)
         config = model_config(options, source, results)
-        files = repository.write_version(model, config, staging, options.external_data)
+        repository.write_version(model, config, staging, options.external_data)
         repository.install(staging, options.model_dir)
     finally:
         if staging.exists():
@@ -269,6 +314,12 @@ def staged_parity(
     A KV-cache export is checked by decoding (decode_cases.decoding_cases) instead.
     """
     path = str(staging / repository.MODEL_FILE)
+    if options.memory:
+        checks = memory_cases()
+        title = f"memory parity vs eager PyTorch and the cross graph on {len(checks)} cases"
+        with timer.step(5, title):
+            sessions = memory_sessions(staging, options, source)
+            return check_memory(sessions, source.module, options.dtype, checks)
     if options.kv_cache:
         steps = decoding_cases()
         with timer.step(5, f"decoding parity vs eager PyTorch on {len(steps)} cases"):
@@ -280,6 +331,22 @@ def staged_parity(
         return validate.check_parity(
             session, source.module, cases, options.self_attention, options.dtype
         )
+
+
+def memory_sessions(staging: Path, options: ExportOptions, source: WeightsSource) -> MemorySessions:
+    """The staged memory.onnx and model.onnx, and the stateless cross graph of the same
+    weights (traced here, not written), on ONNX Runtime CPU."""
+    cross = trace(source, dataclasses.replace(options, kv_cache=False))
+    return MemorySessions(
+        cpu_session(str(staging / contract.MEMORY_FILE)),
+        cpu_session(str(staging / repository.MODEL_FILE)),
+        cpu_session(cross.SerializeToString()),
+    )
+
+
+def cpu_session(model: str | bytes) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session of a model file or serialized model."""
+    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
 class StepTimer:

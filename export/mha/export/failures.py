@@ -59,6 +59,16 @@ class FusedNodeInFallback(ValidationFailure):
 
 
 @dataclass(frozen=True)
+class FusedNodeInMemory(ValidationFailure):
+    """A memory export's memory.onnx (projections only) with attention nodes in it."""
+
+    found: tuple[str, ...]  # "domain.OpType" of every fused attention node in memory.onnx
+
+    def __str__(self) -> str:
+        return f"memory.onnx has attention node(s) {list(self.found)}, expected none"
+
+
+@dataclass(frozen=True)
 class SoftmaxCount(ValidationFailure):
     """More or fewer Softmax nodes than the target allows (a decomposed fallback shows here)."""
 

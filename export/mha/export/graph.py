@@ -122,3 +122,50 @@ class StepGraph(nn.Module):
     def output_names(self) -> list[str]:
         """Graph output names, in order."""
         return [t.name for t in contract.step_outputs()]
+
+
+class MemoryStepGraph(ExportGraph):
+    """A memory export's step graph: MultiHeadAttention.memory_with, the contract's names.
+
+    Inputs query (B, T, E), memory_key and memory_value (B, S, E) (projected by memory.onnx),
+    key_padding_mask (B, S); output (B, T, E). The core is the cross export's (ExportGraph.core:
+    torch.ops.mha.attention, one fused node), fed the memory instead of projecting K and V.
+    """
+
+    def __init__(self, mha: MultiHeadAttention, fused: bool) -> None:
+        super().__init__(mha, self_attention=False, weights=False, fused=fused)
+
+    def forward(
+        self, query: Tensor, memory_key: Tensor, memory_value: Tensor, key_padding_mask: Tensor
+    ) -> Tensor:
+        memory = KVCache(memory_key, memory_value)
+        return self.mha.memory_with(self.core, query, memory, key_padding_mask)[0]
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return [t.name for t in contract.memory_step_inputs()]
+
+    def output_names(self) -> list[str]:
+        """Graph output names, in order."""
+        return [t.name for t in contract.memory_step_outputs()]
+
+
+class MemoryGraph(nn.Module):
+    """memory.onnx: MultiHeadAttention.project_memory, key (B, S, kdim) and value (B, S, vdim)
+    in, memory_key and memory_value (B, S, E) out; no attention."""
+
+    def __init__(self, mha: MultiHeadAttention) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        memory = self.mha.project_memory(key, value)
+        return memory.key, memory.value
+
+    def input_names(self) -> list[str]:
+        """Graph input names, in order."""
+        return [t.name for t in contract.memory_projection_inputs()]
+
+    def output_names(self) -> list[str]:
+        """Graph output names, in order."""
+        return [t.name for t in contract.memory_projection_outputs()]

@@ -73,6 +73,8 @@ RTOL = {dtype: contract.PARITY_TOLERANCE[dtype.upper()][1] for dtype in ("fp32",
 EXPORT_SHAPE = {"B": 2, "L": 5, "S": 7}
 # The same for a KV-cache step graph: B sequences, T new tokens, P past ones, C = P + T slots.
 STEP_EXPORT_SHAPE = {"B": 2, "T": 3, "P": 5, "C": 8}
+# The same for a memory export: B sequences, T new tokens, a memory of S.
+MEMORY_EXPORT_SHAPE = {"B": 2, "T": 3, "S": 7}
 
 # Initializers above this size go to `model.onnx.data` (protobuf caps a file at 2 GiB).
 EXTERNAL_DATA_BYTES = 256 << 20
@@ -101,9 +103,12 @@ class ExportOptions:
     bias: bool = True
     seed: int = 0
     max_batch_size: int = 64
-    max_sequence_length: int = 4096  # with kv_cache: the longest context (P + T) served
+    # with kv_cache: the longest context (P + T) served; with kv_cache and cross: the
+    # longest memory (S)
+    max_sequence_length: int = 4096
     # The decoding step graph of causal self-attention (mha.contract.step_inputs) instead of
-    # the full-sequence graph; implies causal=True.
+    # the full-sequence graph; implies causal=True. With self_attention=False: the memory
+    # projection and the step graph of cross-attention (mha.contract.memory_step_inputs).
     kv_cache: bool = False
     external_data: bool | None = None  # None = by size
     extra_metadata: dict[str, str] = field(default_factory=dict)
@@ -132,17 +137,25 @@ class ExportOptions:
             )
 
     def check_kv_cache(self) -> None:
-        """Refuse what a decoding step graph cannot be; set causal (a KV cache implies it)."""
-        if not self.self_attention:
-            raise ValueError(
-                "--kv-cache is causal self-attention decoding: it cannot be combined with "
-                "--cross (self_attention=False)"
-            )
+        """Refuse what a step graph cannot be; set causal for self-attention decoding.
+
+        With --cross the export is a cross-attention memory model (not causal): memory.onnx
+        projects the memory once, model.onnx is the step over it (mha.contract.MEMORY_KIND).
+        """
         if self.attention_weights:
             raise ValueError(
                 "--kv-cache step graphs have no attention_weights output: drop --attention-weights"
             )
+        if not self.self_attention:
+            if self.causal:
+                raise ValueError("--cross --kv-cache attends a memory: it cannot be --causal")
+            return
         object.__setattr__(self, "causal", True)  # frozen: set once, before anyone reads it
+
+    @property
+    def memory(self) -> bool:
+        """A cross-attention memory export: memory.onnx and the step graph over its output."""
+        return self.kv_cache and not self.self_attention
 
     @property
     def step_feed(self) -> str:

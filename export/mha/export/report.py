@@ -33,9 +33,9 @@ def human_bytes(n: int) -> str:
 
 
 def kind_of(config: dict) -> str:
-    """self, cross, or self kv-cache (a decoding step graph)."""
+    """self, cross, self kv-cache (a decoding step graph) or cross kv-cache (a memory)."""
     if "sequence" in config:
-        return "self kv-cache"
+        return "self kv-cache" if config["self_attention"] else "cross kv-cache"
     return "self" if config["self_attention"] else "cross"
 
 

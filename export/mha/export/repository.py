@@ -22,10 +22,13 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
-def save_model(model: onnx.ModelProto, folder: Path, external: bool | None) -> list[Path]:
-    """Save model.onnx (external data when large or asked); return the files written."""
+def save_model(
+    model: onnx.ModelProto, folder: Path, external: bool | None, file: str = MODEL_FILE
+) -> list[Path]:
+    """Save model.onnx or another file (external data when large or asked); return the
+    files written."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / MODEL_FILE
+    path = folder / file
     if external is None:
         external = initializer_bytes(model) > EXTERNAL_DATA_BYTES
     if external:
@@ -34,10 +37,10 @@ def save_model(model: onnx.ModelProto, folder: Path, external: bool | None) -> l
             str(path),
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=MODEL_FILE + ".data",
+            location=file + ".data",
             size_threshold=1024,
         )
-        return [path, folder / (MODEL_FILE + ".data")]
+        return [path, folder / (file + ".data")]
     onnx.save_model(model, str(path))
     return [path]
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mha import contract
-from mha.export.options import EXPORT_SHAPE, STEP_EXPORT_SHAPE
+from mha.export.options import EXPORT_SHAPE, MEMORY_EXPORT_SHAPE, STEP_EXPORT_SHAPE
 from mha.model.config import AttentionConfig
 
 
@@ -99,3 +99,35 @@ def step_io_shapes(config: AttentionConfig) -> dict[str, list[str | int]]:
     dims = contract_dims(config)
     tensors = (*contract.step_inputs(), *contract.step_outputs())
     return {t.name: contract.symbolic_shape(t, dims, True) for t in tensors}
+
+
+def memory_example_inputs(
+    tensors: tuple[contract.Tensor, ...], config: AttentionConfig, dtype: torch.dtype
+) -> tuple[Tensor, ...]:
+    """Trace-time inputs of a memory export's graph, of MEMORY_EXPORT_SHAPE."""
+    dims = contract_dims(config)
+    return trace_tensors(tensors, dims, False, MEMORY_EXPORT_SHAPE, dtype)
+
+
+def memory_dynamic_shapes(
+    tensors: tuple[contract.Tensor, ...], config: AttentionConfig
+) -> tuple[dict[int, Any], ...]:
+    """Per input of a memory export's graph, its named dynamic axes: B, T, S independent."""
+    dims = contract_dims(config)
+    axes = {name: torch.export.Dim(name) for name in ("B", "T", "S")}
+    return tuple(
+        {
+            i: axes[axis]
+            for i, axis in enumerate(contract.symbolic_shape(t, dims, False))
+            if isinstance(axis, str)
+        }
+        for t in tensors
+    )
+
+
+def memory_io_shapes(
+    tensors: tuple[contract.Tensor, ...], config: AttentionConfig
+) -> dict[str, list[str | int]]:
+    """The contract's shapes of the given memory-export tensors, dynamic axes by name."""
+    dims = contract_dims(config)
+    return {t.name: contract.symbolic_shape(t, dims, False) for t in tensors}

@@ -22,6 +22,7 @@ from mha.export.failures import (
     CheckerFailure,
     DtypeMismatch,
     FusedNodeInFallback,
+    FusedNodeInMemory,
     FusedNodes,
     GraphNames,
     MissingOutput,
@@ -107,6 +108,29 @@ def check_step_structure(model: onnx.ModelProto, target: str) -> list[Validation
     outputs = tuple(t.name for t in contract.step_outputs())
     failures = graph_name_failures(model, inputs, outputs)
     return failures + fused_node_failures(model, target, allowed_softmax=0)
+
+
+def check_memory_step_structure(model: onnx.ModelProto, target: str) -> list[ValidationFailure]:
+    """A memory export's step graph: names (mha.contract.memory_step_inputs/outputs) and the
+    fused-node rule."""
+    inputs = tuple(t.name for t in contract.memory_step_inputs())
+    outputs = tuple(t.name for t in contract.memory_step_outputs())
+    failures = graph_name_failures(model, inputs, outputs)
+    return failures + fused_node_failures(model, target, allowed_softmax=0)
+
+
+def check_memory_structure(model: onnx.ModelProto) -> list[ValidationFailure]:
+    """memory.onnx: names (mha.contract.memory_projection_*), no attention node, no Softmax."""
+    inputs = tuple(t.name for t in contract.memory_projection_inputs())
+    outputs = tuple(t.name for t in contract.memory_projection_outputs())
+    failures = graph_name_failures(model, inputs, outputs)
+    fused = fused_nodes(model)
+    if fused:
+        failures.append(FusedNodeInMemory(tuple(f"{n.domain}.{n.op_type}" for n in fused)))
+    softmax = op_counts(model).get("Softmax", 0)
+    if softmax:
+        failures.append(SoftmaxCount(softmax, 0))
+    return failures
 
 
 def fused_node_failures(

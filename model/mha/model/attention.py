@@ -7,6 +7,8 @@ core, W^O, zero rows with no key); eager runs it with `attend`, the export runs 
 method with the core swapped for one fused node (mha.export.graph). Decoding with a KV cache
 (`forward_step`, `step_with`) is the same block over the new tokens only, its core
 (`attend_step`) attending the cached keys and the new ones with the causal mask offset by P.
+Cross-attention over a memory held between calls (`project_memory`, `forward_memory`,
+`memory_with`) is the same block with W^K, W^V applied once, up front.
 """
 
 from __future__ import annotations
@@ -84,9 +86,63 @@ class MultiHeadAttention(nn.Module):
         """
         q = self.q_proj(query)  # (B, L, E)
         k, v = self.k_proj(key), self.v_proj(value)  # (B, S, E)
+        return self.attend_projected(core, q, k, v, key_padding_mask)
+
+    def attend_projected(
+        self, core: AttentionCore, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block after W^Q, W^K, W^V: the core on q (B, L, E), k, v (B, S, E), then W^O.
+
+        Returns the output (B, L, E) and the core's weights (B, h, L, S) or None, zero in
+        rows of queries that may attend no key.
+        """
         heads, weights = core(q, k, v, key_padding_mask)  # (B, L, E), (B, h, L, S) or None
         out = self.out_proj(heads)  # (B, L, E)
         return zero_rows_without_keys(out, weights, key_padding_mask, self.config.causal)
+
+    def project_memory(self, key: Tensor, value: Tensor) -> KVCache:
+        """A cross-attention memory projected once: key (B, S, kdim) W^K + b^K and value
+        (B, S, vdim) W^V + b^V, both (B, S, E)."""
+        return KVCache(self.k_proj(key), self.v_proj(value))
+
+    def forward_memory(
+        self,
+        query: Tensor,
+        memory: KVCache,
+        key_padding_mask: Tensor | None = None,
+        use_reference: bool = False,
+    ) -> Tensor:
+        """Cross-attend query (B, T, E) to a memory projected by project_memory (B, S, E).
+
+        Equals forward(query, key, value, key_padding_mask) for memory =
+        project_memory(key, value): the rows (B, T, E). use_reference as in forward().
+        """
+        self.check_memory(query, memory, key_padding_mask)
+        core = self.core(explicit=use_reference)
+        return self.memory_with(core, query, memory, key_padding_mask)[0]
+
+    def memory_with(
+        self, core: AttentionCore, query: Tensor, memory: KVCache, key_padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block around a core with the keys and values given projected: W^Q, the core
+        over memory (B, S, E), W^O; as forward_with otherwise."""
+        q = self.q_proj(query)  # (B, T, E)
+        return self.attend_projected(core, q, memory.key, memory.value, key_padding_mask)
+
+    def check_memory(self, query: Tensor, memory: KVCache, key_padding_mask: Tensor | None) -> None:
+        """Refuse a memory step this block cannot run: causal, or shapes that do not fit."""
+        if self.config.causal:
+            raise ValueError("forward_memory is cross-attention: it needs config.causal=False")
+        e, batch = self.config.d_model, memory.batch
+        if query.dim() != 3 or query.shape[0] != batch or query.shape[2] != e:
+            raise ValueError(
+                f"query shape {tuple(query.shape)} is not (B, T, E) = ({batch}, T, {e}) "
+                f"for a memory of {batch} sequence(s)"
+            )
+        if memory.key.shape[2] != e:
+            raise ValueError(f"memory rows have {memory.key.shape[2]} features, d_model is {e}")
+        if key_padding_mask is not None:
+            check_mask(key_padding_mask, batch, memory.length)
 
     def forward_step(
         self, x_new: Tensor, cache: KVCache, use_reference: bool = False
