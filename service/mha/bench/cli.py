@@ -15,6 +15,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "export": ("mha.export.bench", "eager torch vs ONNX Runtime per export target"),
     "serve": ("mha.bench.serve", "load generator for an OIP gRPC server (and this server)"),
     "decode": ("mha.bench.decode", "decoding with the server's KV cache vs recomputing"),
+    "memory": ("mha.bench.memory", "a server-held cross-attention memory vs resending it"),
 }
 
 
