@@ -16,7 +16,6 @@ before and after, and every target is a ratio of two contestants of the same run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -31,7 +30,6 @@ from mha.bench import decode_report, report
 from mha.bench.decode_load import Measured, Served, Workload, decode_in_process, decode_served
 from mha.bench.decode_models import DecodeModels, ensure_models
 from mha.bench.inprocess import make_session
-from mha.bench.serve import finite_json
 from mha.bench.servers import ServerFailed, ServerProcess, start_server
 from mha.client import ClientError
 from mha.errors import CliError
@@ -296,9 +294,7 @@ def run(args: argparse.Namespace) -> int:
         "agreement": bench.agreement(),
     }
     document["targets"] = print_tables(document)
-    (args.out / "bench.json").write_text(
-        json.dumps(finite_json(document), indent=1, allow_nan=False)
-    )
+    report.write_json(args.out / "bench.json", document)
     if not args.no_plot:
         title = f"mha bench decode (d_model {sizes.d_model}, {sizes.steps} steps)"
         decode_report.write_plot(bench.records, args.out / "bench.png", title)
@@ -309,10 +305,7 @@ def run(args: argparse.Namespace) -> int:
 def print_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     """Print every table; return the target checks."""
     points, load = document["points"], document["machine"]
-    print(
-        f"\ndecode figures (load average before {load['loadavg_before'][0]:.2f}, after "
-        f"{load['loadavg_after'][0]:.2f}; {load['cpus']} CPUs, shared machine)"
-    )
+    print(report.load_heading("decode figures", load))
     print(decode_report.figures_table(points))
     recompute_text, targets = decode_report.cache_vs_recompute(points)
     print("\nKV cache vs recompute\n" + recompute_text)

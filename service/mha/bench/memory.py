@@ -15,7 +15,6 @@ the load average before and after, and the target is a ratio of the two in the s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,6 @@ from mha.bench import memory_report, report
 from mha.bench.decode_load import Measured, Served
 from mha.bench.memory_load import MemoryWorkload, request_bytes, run_served, sequence_data
 from mha.bench.memory_models import MemoryModels, ensure_models
-from mha.bench.serve import finite_json
 from mha.bench.servers import ServerFailed, ServerProcess, start_server
 from mha.client import ClientError
 from mha.errors import CliError
@@ -239,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     }
     document["targets"] = print_tables(document)
     path = args.out / "bench.json"
-    path.write_text(json.dumps(finite_json(document), indent=1, allow_nan=False))
+    report.write_json(path, document)
     if not args.no_plot:
         title = f"mha bench memory (d_model {sizes.d_model}, {sizes.steps} steps of 1 token)"
         memory_report.write_plot(bench.records, args.out / "bench.png", title)
@@ -250,10 +248,7 @@ def run(args: argparse.Namespace) -> int:
 def print_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     """Print every table; return the target checks."""
     points, load = document["points"], document["machine"]
-    print(
-        f"\nmemory figures (load average before {load['loadavg_before'][0]:.2f}, after "
-        f"{load['loadavg_after'][0]:.2f}; {load['cpus']} CPUs, shared machine)"
-    )
+    print(report.load_heading("memory figures", load))
     print(memory_report.figures_table(points))
     resend_text, targets = memory_report.cached_vs_resend(points)
     print("\nheld memory vs resending it\n" + resend_text)

@@ -8,8 +8,10 @@ batching on vs off against the compute bound.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from mha.tables import markdown_table as table
@@ -169,3 +171,27 @@ def targets_table(targets: Sequence[Row]) -> str:
         ["target", "measured", "bound", "verdict"],
         [[t["target"], t["value"], t["bound"], verdict(t["ok"])] for t in targets],
     )
+
+
+def load_heading(title: str, machine: Row) -> str:
+    """A table's heading with the machine's load average before and after the run."""
+    return (
+        f"\n{title} (load average before {machine['loadavg_before'][0]:.2f}, after "
+        f"{machine['loadavg_after'][0]:.2f}; {machine['cpus']} CPUs, shared machine)"
+    )
+
+
+def write_json(path: Path, document: Row) -> None:
+    """Strict JSON (NaN and infinities as null) of a benchmark's document."""
+    path.write_text(json.dumps(finite_json(document), indent=1, allow_nan=False))
+
+
+def finite_json(value: Any) -> Any:
+    """The document with NaN and infinities as None, so strict JSON can hold it."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value

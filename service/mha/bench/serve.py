@@ -11,8 +11,6 @@ be shared, so the JSON records the load average before and after.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import subprocess
 import sys
@@ -205,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         "points": results,
     }
     document["targets"] = print_tables(document, chosen)
-    (args.out / "bench.json").write_text(json.dumps(finite_json(document), indent=1))
+    report.write_json(args.out / "bench.json", document)
     if not args.no_plot:
         write_plot(document, args.out / "bench.png")
     print(f"\nwrote {args.out / 'bench.json'}" + ("" if args.no_plot else " and bench.png"))
@@ -213,17 +211,6 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"mha bench serve: {failed} requests failed (see errors above)", file=sys.stderr)
     return 1 if failed else 0
-
-
-def finite_json(value: Any) -> Any:
-    """The document with NaN (no answers measured) as null, so the JSON is strict."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_json(v) for v in value]
-    return value
 
 
 def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[dict]:
