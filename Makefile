@@ -7,7 +7,7 @@ MHA := $(VENV)/bin/mha
 REPO ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run export test lint fmt proto bench-export bench-serve bench-decode image smoke clean
+.PHONY: venv run export test lint fmt proto bench-export bench-serve bench-decode bench-memory image smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,9 @@ bench-serve: $(STAMP)
 
 bench-decode: $(STAMP)
 	$(MHA) bench decode --out bench-out/decode
+
+bench-memory: $(STAMP)
+	$(MHA) bench memory --out bench-out/memory
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache
