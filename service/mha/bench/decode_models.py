@@ -48,9 +48,9 @@ def model_names(d_model: int, num_heads: int) -> tuple[str, str]:
 def ensure_models(repository: Path, d_model: int, num_heads: int) -> DecodeModels:
     """Both models of this size in `repository`, exported first when missing."""
     kv, full = model_names(d_model, num_heads)
-    for name, kind in ((kv, "--kv-cache"), (full, "--causal")):
+    for name, flags in ((kv, ("--kv-cache",)), (full, ("--causal",))):
         if not (repository / name / VERSION / "model.onnx").is_file():
-            export(repository, name, kind, d_model, num_heads)
+            export(repository, name, flags, d_model, num_heads)
     models = DecodeModels(
         repository, kv, full, read_config(repository, kv), read_config(repository, full)
     )
@@ -58,32 +58,27 @@ def ensure_models(repository: Path, d_model: int, num_heads: int) -> DecodeModel
     return models
 
 
-def export(repository: Path, name: str, kind: str, d_model: int, num_heads: int) -> None:
-    """`mha export <kind>` of the embedded seeded weights as repository/name/1."""
-    missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
-    if missing:
-        raise CliError(
-            f"{repository / name} is missing and exporting it needs the export extra "
-            f"({', '.join(missing)} not installed): pip install 'mha-serve[export]'"
-        )
-    print(f"exporting {name} (mha export {kind}) to {repository} ...", file=sys.stderr)
-    command = [
-        *mha_command(),
-        "export",
-        kind,
-        "--repository",
-        str(repository),
-        "--name",
-        name,
-        "--version",
-        VERSION,
-        "--d-model",
-        str(d_model),
-        "--num-heads",
-        str(num_heads),
-    ]
+def export(
+    repository: Path, name: str, flags: tuple[str, ...], d_model: int, num_heads: int
+) -> None:
+    """`mha export <flags>` of the embedded seeded weights as repository/name/1."""
+    absent = ", ".join(m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None)
+    if absent:
+        why = f"exporting it needs the export extra ({absent} not installed)"
+        raise CliError(f"{repository / name} is missing; {why}: pip install 'mha-serve[export]'")
+    said = " ".join(flags)
+    print(f"exporting {name} (mha export {said}) to {repository} ...", file=sys.stderr)
+    options = {
+        "--repository": repository,
+        "--name": name,
+        "--version": VERSION,
+        "--d-model": d_model,
+        "--num-heads": num_heads,
+    }
+    command = [*mha_command(), "export", *flags]
+    command += [str(part) for pair in options.items() for part in pair]
     if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
-        raise CliError(f"`mha export {kind} --name {name}` failed; see its output above")
+        raise CliError(f"`mha export {said} --name {name}` failed; see its output above")
 
 
 def read_config(repository: Path, name: str) -> dict[str, Any]:

@@ -10,16 +10,12 @@ process never imports torch.
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mha import contract
-from mha.bench.decode_models import EXPORT_EXTRA, VERSION, read_config
-from mha.bench.servers import mha_command
+from mha.bench.decode_models import VERSION, export, read_config
 from mha.errors import CliError
 
 MEMORY_FLAGS, CROSS_FLAGS = ("--cross", "--kv-cache"), ("--cross",)
@@ -53,30 +49,6 @@ def ensure_models(repository: Path, d_model: int, num_heads: int) -> MemoryModel
     )
     check_pair(models, d_model, num_heads)
     return models
-
-
-def export(
-    repository: Path, name: str, flags: tuple[str, ...], d_model: int, num_heads: int
-) -> None:
-    """`mha export <flags>` of the embedded seeded weights as repository/name/1."""
-    # decode_models.export passes one flag; the memory model needs two (--cross --kv-cache).
-    absent = ", ".join(m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None)
-    if absent:
-        why = f"exporting it needs the export extra ({absent} not installed)"
-        raise CliError(f"{repository / name} is missing; {why}: pip install 'mha-serve[export]'")
-    said = " ".join(flags)
-    print(f"exporting {name} (mha export {said}) to {repository} ...", file=sys.stderr)
-    options = {
-        "--repository": repository,
-        "--name": name,
-        "--version": VERSION,
-        "--d-model": d_model,
-        "--num-heads": num_heads,
-    }
-    command = [*mha_command(), "export", *flags]
-    command += [str(part) for pair in options.items() for part in pair]
-    if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
-        raise CliError(f"`mha export {said} --name {name}` failed; see its output above")
 
 
 def check_pair(models: MemoryModels, d_model: int, num_heads: int) -> None:
