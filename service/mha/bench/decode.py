@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from mha.bench import decode_report, report
+from mha.bench import arguments, decode_report, report
 from mha.bench.decode_load import Measured, Served, Workload, decode_in_process, decode_served
 from mha.bench.decode_models import DecodeModels, ensure_models
 from mha.bench.inprocess import make_session
@@ -62,49 +62,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny sizes (d_model 64, P 8, 4 steps, 1 and 4 sequences; for tests)",
     )
-    what.add_argument("--prompts", help="comma-separated prompt lengths P (default 128,1024)")
+    what.add_argument("--prompts", type=arguments.whole_numbers,
+                      help="comma-separated prompt lengths P (default 128,1024)")  # fmt: skip
     what.add_argument("--steps", type=int, help="steps of one token after the prompt (default 64)")
-    what.add_argument("--sequences", help="comma-separated sequences at once (default 1,8,32)")
-    what.add_argument("--recompute-sequences", help="the same for recompute (default 1)")
+    what.add_argument("--sequences", type=arguments.whole_numbers,
+                      help="comma-separated sequences at once (default 1,8,32)")  # fmt: skip
+    what.add_argument("--recompute-sequences", type=arguments.whole_numbers,
+                      help="the same for recompute (default 1)")  # fmt: skip
     what.add_argument("--repeats", type=int, help="runs of each workload, pooled (default 3)")
     what.add_argument("--contestants", help=f"comma-separated subset of {', '.join(CONTESTANTS)}")
     what.add_argument("--d-model", type=int, help="model width (default 512)")
     what.add_argument("--num-heads", type=int, help="attention heads (default 8)")
     what.add_argument("--seed", type=int, default=0, help="random tokens' seed (default 0)")
-    server = parser.add_argument_group("server")
-    server.add_argument(
-        "--repository",
-        type=Path,
-        help="where the two models are (exported if missing; default OUT/models)",
-    )
-    server.add_argument("--threads", type=int, help="intra-op threads (server and in-process)")
-    server.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra `mha serve` argument, repeatable: --server-arg=--workers=2",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        type=Path,
-        default=Path("bench-out/decode"),
-        help="folder for bench.json and bench.png (default: %(default)s)",
-    )
-    output.add_argument("--no-plot", action="store_true", help="skip the PNG")
-
-
-def _numbers(text: str | None, flag: str) -> tuple[int, ...] | None:
-    if text is None:
-        return None
-    try:
-        numbers = tuple(int(n) for n in text.split(",") if n.strip())
-    except ValueError:
-        raise CliError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
-    if not numbers or min(numbers) < 1:
-        raise CliError(f"{flag} values must be >= 1, got {text!r}")
-    return numbers
+    arguments.add_server_arguments(parser, arguments.MODELS_HELP)
+    arguments.add_output_arguments(parser, Path("bench-out/decode"))
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
@@ -112,10 +83,10 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     given = {
         "d_model": args.d_model,
         "num_heads": args.num_heads,
-        "prompts": _numbers(args.prompts, "--prompts"),
+        "prompts": args.prompts,
         "steps": args.steps,
-        "sequences": _numbers(args.sequences, "--sequences"),
-        "recompute_sequences": _numbers(args.recompute_sequences, "--recompute-sequences"),
+        "sequences": args.sequences,
+        "recompute_sequences": args.recompute_sequences,
         "repeats": args.repeats,
     }
     sizes = replace(
@@ -282,12 +253,7 @@ def run(args: argparse.Namespace) -> int:
         "sizes": asdict(sizes),
         "started": started,
         "seconds": time.time() - started,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "note": "shared machine: other processes may compete for the cores",
-        },
+        "machine": arguments.machine(load_before),
         "models": {"repository": str(repository), "kv": models.kv, "full": models.full},
         "servers": bench.servers,
         "points": bench.records,

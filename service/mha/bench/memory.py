@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mha.bench import memory_report, report
+from mha.bench import arguments, memory_report, report
 from mha.bench.decode_load import Measured, Served
 from mha.bench.memory_load import MemoryWorkload, request_bytes, run_served, sequence_data
 from mha.bench.memory_models import MemoryModels, ensure_models
@@ -53,17 +53,6 @@ FULL = Sizes(512, 8, (64, 512), 64, (1, 16), 3)
 QUICK = Sizes(64, 4, (8,), 4, (1, 4), 1)  # seconds, for the test
 
 
-def whole_numbers(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated whole numbers >= 1."""
-    try:
-        numbers = tuple(int(n) for n in text.split(",") if n.strip())
-    except ValueError:
-        numbers = ()
-    if not numbers or min(numbers) < 1:
-        raise argparse.ArgumentTypeError(f"want comma-separated whole numbers >= 1, got {text!r}")
-    return numbers
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument(
@@ -71,23 +60,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny sizes (d_model 64, S 8, 4 steps, 1 and 4 sequences; for tests)",
     )
-    what.add_argument("--memories", type=whole_numbers, help="memory lengths S (default 64,512)")
+    what.add_argument(
+        "--memories", type=arguments.whole_numbers, help="memory lengths S (default 64,512)"
+    )
     what.add_argument("--steps", type=int, help="steps of one query token (default 64)")
-    what.add_argument("--sequences", type=whole_numbers, help="sequences at once (default 1,16)")
+    what.add_argument(
+        "--sequences", type=arguments.whole_numbers, help="sequences at once (default 1,16)"
+    )
     what.add_argument("--repeats", type=int, help="runs of each workload, pooled (default 3)")
     what.add_argument("--d-model", type=int, help="model width, = kdim = vdim (default 512)")
     what.add_argument("--num-heads", type=int, help="attention heads (default 8)")
     what.add_argument("--seed", type=int, default=0, help="random tensors' seed (default 0)")
-    server = parser.add_argument_group("server")
-    where = "where the two models are (exported if missing; default OUT/models)"
-    server.add_argument("--repository", type=Path, help=where)
-    server.add_argument("--threads", type=int, help="the server's intra-op threads")
-    extra = "extra `mha serve` argument, repeatable: --server-arg=--workers=2"
-    server.add_argument("--server-arg", action="append", default=[], metavar="ARG", help=extra)
-    output = parser.add_argument_group("output")
-    out = "folder for bench.json and bench.png (default: %(default)s)"
-    output.add_argument("--out", type=Path, default=Path("bench-out/memory"), help=out)
-    output.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    arguments.add_server_arguments(parser, arguments.MODELS_HELP)
+    arguments.add_output_arguments(parser, Path("bench-out/memory"))
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
@@ -216,9 +201,7 @@ def run(args: argparse.Namespace) -> int:
         bench.run()
     except (ServerFailed, ClientError) as err:  # a server that died, a step that failed
         raise CliError(" ".join(str(err).split())) from None
-    machine = {"cpus": os.cpu_count(), "loadavg_before": load_before,
-               "loadavg_after": os.getloadavg(),
-               "note": "shared machine: other processes may compete for the cores"}  # fmt: skip
+    machine = arguments.machine(load_before)
     document: dict[str, Any] = {
         "preset": "quick" if args.quick else "full",
         "sizes": asdict(sizes),

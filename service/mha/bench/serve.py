@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mha.bench import report
+from mha.bench import arguments, report
 from mha.bench.plan import (
     CONFIGS,
     PRESETS,
@@ -70,24 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-requests", type=int, default=0, help="measured requests per point")
     load.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     load.add_argument("--seed", type=int, default=0)
-    server = parser.add_argument_group("server")
-    server.add_argument("--threads", type=int, help="intra-op threads (server and in-process)")
+    server = arguments.add_server_arguments(parser)
     server.add_argument("--max-batch-delay-us", type=int, help="passed to mha serve (batching on)")
-    server.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="ARG",
-        help="extra `mha serve` argument, repeatable: --server-arg=--max-queue-size=512",
-    )
-    output = parser.add_argument_group("output")
-    output.add_argument(
-        "--out",
-        type=Path,
-        default=Path("bench-out/serve"),
-        help="folder for bench.json and bench.png (default: %(default)s)",
-    )
-    output.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    arguments.add_output_arguments(parser, Path("bench-out/serve"))
 
 
 def presets(args: argparse.Namespace) -> tuple[Preset, ...]:
@@ -187,12 +172,7 @@ def run(args: argparse.Namespace) -> int:
         "preset": args.preset,
         "started": started,
         "seconds": time.time() - started,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "loadavg_before": load_before,
-            "loadavg_after": os.getloadavg(),
-            "note": "shared machine: other processes may compete for the cores",
-        },
+        "machine": arguments.machine(load_before),
         "model": {
             "name": args.model,
             "dir": str(local) if local else None,
