@@ -56,14 +56,12 @@ class DataPlane:
         table: ModelTable,
         metrics: StatsMetrics,
         loader: Loader,
-        store: sequences.SequenceStore | None = None,
+        store: sequences.SequenceStore,
     ) -> None:
         self.table = table
         self.metrics = metrics
         self.loader = loader
-        self.sequences = store or sequences.SequenceStore(
-            sequences.SequenceLimits(sequences.machine_cache_bytes(), 1024, 300.0), metrics
-        )
+        self.sequences = store
         self.active = 0  # infer calls in progress (event loop only, no lock needed)
         self.last_call = 0.0  # time.monotonic() of the latest infer call
         self.refusing = False
