@@ -51,6 +51,13 @@ class Settings:
     kv_cache_bytes: int | None = None  # None: a quarter of the memory limit
     max_sequences: int = 1024  # active sequences at once, over every sequence model
     sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
+    max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
+    tls_cert_file: Path | None = None  # TLS on the gRPC port (with tls_key_file)
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None  # mTLS: client certificates required, verified
+    auth_token_file: Path | None = None  # accepted bearer tokens, one a line
+    health_port: int | None = None  # a plaintext port serving grpc.health.v1 only
+    health_port_file: Path | None = None  # write the bound health port here (port 0)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -61,6 +68,19 @@ class Settings:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics port must be in 0..65535, got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ValueError(f"health port must be in 0..65535, got {self.health_port}")
+        if self.health_port is not None and self.health_port == self.port != 0:
+            raise ValueError(
+                f"health port {self.health_port} is the gRPC port: plaintext health and the "
+                f"inference service never share a port"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "--tls-client-ca-file (mTLS) needs TLS on: give --tls-cert-file and --tls-key-file"
+            )
         positive: dict[str, int | None] = {
             "threads": self.threads,
             "workers": self.workers,
@@ -82,6 +102,7 @@ class Settings:
             "max_connection_age_grace_seconds": self.max_connection_age_grace_seconds,
             "max_batch_delay_us": self.max_batch_delay_us,
             "sequence_idle_seconds": self.sequence_idle_seconds,
+            "max_queue_delay_ms": self.max_queue_delay_ms,
         }
         for name, amount in non_negative.items():
             if amount < 0:
@@ -97,7 +118,7 @@ def _bool(text: str) -> bool:
     raise ValueError(f"expected a boolean (1/0, true/false, on/off), got {text!r}")
 
 
-def _metrics_port(text: str) -> int | None:
+def _port_or_off(text: str) -> int | None:
     # 0 binds a free port (tests, benchmarks); "off" or -1 turns the endpoint off.
     if text.strip().lower() in ("off", "-1"):
         return None
@@ -122,7 +143,7 @@ class Spec:
 SPECS: tuple[Spec, ...] = (
     Spec("host", "MHA_HOST", str, "address to bind"),
     Spec("port", "MHA_PORT", int, "gRPC port (0 = any free port)"),
-    Spec("metrics_port", "MHA_METRICS_PORT", _metrics_port,
+    Spec("metrics_port", "MHA_METRICS_PORT", _port_or_off,
          "Prometheus /metrics port (0 = any free port, off = no endpoint)"),
     Spec("repository", "MHA_REPOSITORY", Path, "model repository folder"),
     Spec("device", "MHA_DEVICE", str, "execution provider policy", DEVICES),
@@ -161,6 +182,19 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_sequences", "MHA_MAX_SEQUENCES", int, "active sequences at once"),
     Spec("sequence_idle_seconds", "MHA_SEQUENCE_IDLE_SECONDS", float,
          "evict a sequence unused for this long"),
+    Spec("max_queue_delay_ms", "MHA_MAX_QUEUE_DELAY_MS", float,
+         "refuse at once (UNAVAILABLE) a request expected to queue longer (0 = off)"),
+    Spec("tls_cert_file", "MHA_TLS_CERT_FILE", Path,
+         "TLS: the server's certificate chain, PEM (reloaded when the file changes)"),
+    Spec("tls_key_file", "MHA_TLS_KEY_FILE", Path, "TLS: the server's private key, PEM"),
+    Spec("tls_client_ca_file", "MHA_TLS_CLIENT_CA_FILE", Path,
+         "mTLS: require client certificates signed by these CAs, PEM"),
+    Spec("auth_token_file", "MHA_AUTH_TOKEN_FILE", Path,
+         "accepted bearer tokens, one a line (re-read when the file changes)"),
+    Spec("health_port", "MHA_HEALTH_PORT", _port_or_off,
+         "a plaintext port serving grpc.health.v1 only, for probes (off = none)"),
+    Spec("health_port_file", "MHA_HEALTH_PORT_FILE", Path,
+         "write the bound health port to this file (before the gRPC port file)"),
 )  # fmt: skip
 
 _BOOLEAN_FIELDS = {"reflection", "batching", "no_compute"}
