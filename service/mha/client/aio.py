@@ -12,6 +12,7 @@ import grpc.aio
 import numpy as np
 
 from mha.client import core
+from mha.client import security as security_module
 from mha.client.core import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Call,
@@ -19,6 +20,7 @@ from mha.client.core import (
     InferResult,
     SequenceStep,
 )
+from mha.client.security import Security
 from mha.client.streams import AsyncStream
 from mha.proto import grpc_predict_v2_pb2 as pb
 
@@ -32,12 +34,14 @@ class AsyncClient:
         *,
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: Security | None = None,
     ) -> None:
+        """security: TLS (mTLS) and the bearer token for a secured server (client.security)."""
         self.url = url
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(
-            url, options=core.channel_options(max_message_bytes)
-        )
+        self._metadata = security.metadata() if security is not None else ()
+        options = core.channel_options(max_message_bytes)
+        self._channel = security_module.aio_channel(url, options, security)
         self._stubs = core.stubs(self._channel)
 
     async def run(self, call: Call, timeout: float | None = None) -> Any:
@@ -45,7 +49,11 @@ class AsyncClient:
         method = getattr(self._stubs[call.stub], call.method)
         start = time.perf_counter()
         try:
-            pending = method(call.request, timeout=self.timeout if timeout is None else timeout)
+            pending = method(
+                call.request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
             response = await pending
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
@@ -93,7 +101,7 @@ class AsyncClient:
 
     def stream(self) -> AsyncStream:
         """A ModelStreamInfer stream on this channel (mha.client.streams)."""
-        return AsyncStream(self._stubs[core.INFERENCE])
+        return AsyncStream(self._stubs[core.INFERENCE], self._metadata)
 
     async def close(self) -> None:
         await self._channel.close(None)

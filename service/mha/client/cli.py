@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mha import contract
+from mha.client import security
 from mha.client.compare import CompareError, OutputDiff, compare
 from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, ClientError, InferResult
 from mha.client.inputs import InputError, Sizes, build_inputs, load_arrays, output_names
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
     out.add_argument("--attention-weights", action="store_true", help=f"also ask for {WEIGHTS}")
     out.add_argument("--compare", type=Path, metavar="PATH", help="model.onnx or version folder")
     out.add_argument("--plot", type=Path, metavar="FILE.png", help="attention heatmap per head")
+    security.add_arguments(parser)
 
 
 def requested_outputs(args: argparse.Namespace, available: Sequence[str]) -> list[str]:
@@ -112,9 +114,20 @@ def print_diffs(diffs: Sequence[OutputDiff]) -> bool:
     return all(d.passed for d in diffs)
 
 
+def _security(args: argparse.Namespace) -> security.Security:
+    try:
+        return security.from_args(args)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes) as c:
+        secured = _security(args)
+        with Client(
+            args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
+            security=secured,
+        ) as c:  # fmt: skip
             metadata = c.model_metadata(args.model, args.version)
             outputs = requested_outputs(args, output_names(metadata))
             given = load_arrays({n: getattr(args, n) for n in ("query", "key", "value")})

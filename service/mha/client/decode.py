@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mha import contract
+from mha.client import security
 from mha.client.compare import CompareError, model_files, tolerance
 from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, ClientError, SequenceStep
 from mha.client.sync import Client
@@ -53,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
     parser.add_argument("--seed", type=int, default=0, help="random tokens' seed (default: 0)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per RPC")
     parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    security.add_arguments(parser)
 
 
 @dataclass
@@ -189,9 +191,20 @@ def compare_steps(model_dir: Path, sequences: list[Decoded]) -> bool:
     return passed
 
 
+def _security(args: argparse.Namespace) -> security.Security:
+    try:
+        return security.from_args(args)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes) as c:
+        secured = _security(args)
+        with Client(
+            args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
+            security=secured,
+        ) as c:  # fmt: skip
             metadata = c.model_metadata(args.model, args.version)
             widths = {t.name: int(t.shape[-1]) for t in metadata.inputs if t.datatype != "BOOL"}
             query = next((t for t in metadata.inputs if t.name == contract.QUERY), None)

@@ -23,6 +23,7 @@ import numpy as np
 
 from mha.client import core
 from mha.client.core import ClientError, SequenceStep, StreamAnswer
+from mha.client.security import Metadata
 
 _END = object()
 
@@ -30,10 +31,10 @@ _END = object()
 class Stream:
     """One ModelStreamInfer call on a blocking channel; a context manager."""
 
-    def __init__(self, stub: Any) -> None:
+    def __init__(self, stub: Any, metadata: Metadata = ()) -> None:
         self._requests: queue.Queue[Any] = queue.Queue()
         self._sent: queue.Queue[float] = queue.Queue()  # send times, for latencies
-        self._responses = stub.ModelStreamInfer(iter(self._requests.get, _END))
+        self._responses = stub.ModelStreamInfer(iter(self._requests.get, _END), metadata=metadata)
 
     def send(
         self,
@@ -84,8 +85,8 @@ class Stream:
 class AsyncStream:
     """One ModelStreamInfer call on a grpc.aio channel; `async with`."""
 
-    def __init__(self, stub: Any) -> None:
-        self._call = stub.ModelStreamInfer()
+    def __init__(self, stub: Any, metadata: Metadata = ()) -> None:
+        self._call = stub.ModelStreamInfer(metadata=metadata)
         self._sent: queue.Queue[float] = queue.Queue()
 
     async def send(

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from mha.client import core
+from mha.client import security as security_module
 from mha.client.core import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Call,
@@ -18,6 +19,7 @@ from mha.client.core import (
     InferResult,
     SequenceStep,
 )
+from mha.client.security import Security
 from mha.client.streams import Stream
 from mha.proto import grpc_predict_v2_pb2 as pb
 
@@ -31,10 +33,14 @@ class Client:
         *,
         timeout: float | None = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        security: Security | None = None,
     ) -> None:
+        """security: TLS (mTLS) and the bearer token for a secured server (client.security)."""
         self.url = url
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(url, options=core.channel_options(max_message_bytes))
+        self._metadata = security.metadata() if security is not None else ()
+        options = core.channel_options(max_message_bytes)
+        self._channel = security_module.channel(url, options, security)
         self._stubs = core.stubs(self._channel)
 
     def run(self, call: Call, timeout: float | None = None) -> Any:
@@ -42,7 +48,11 @@ class Client:
         method = getattr(self._stubs[call.stub], call.method)
         start = time.perf_counter()
         try:
-            response = method(call.request, timeout=self.timeout if timeout is None else timeout)
+            response = method(
+                call.request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
         except grpc.RpcError as err:
             raise ClientError.from_rpc(err) from None
         return call.read(response, time.perf_counter() - start)
@@ -89,7 +99,7 @@ class Client:
 
     def stream(self) -> Stream:
         """A ModelStreamInfer stream on this channel (mha.client.streams)."""
-        return Stream(self._stubs[core.INFERENCE])
+        return Stream(self._stubs[core.INFERENCE], self._metadata)
 
     def close(self) -> None:
         self._channel.close()

@@ -7,7 +7,8 @@ and warmed up, and NOT_SERVING again at once when the server starts draining.
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
+
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mha.service.grpc.reflection import INFERENCE_SERVICE
@@ -24,12 +25,15 @@ class Health:
     def __init__(self) -> None:
         # health.aio is imported lazily inside grpc_health, so mypy does not see it.
         self.servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._attached = False
 
-    async def attach(self, server: grpc.aio.Server) -> None:
-        """Add the service to a server: live, not ready."""
+    async def attach(self, server: Any) -> None:
+        """Add the service to a server (or a guard.Registrar): live, not ready."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
-        await self.servicer.set(LIVENESS, SERVING)
-        await self.set_ready(False)
+        if not self._attached:  # a second server (the health port) shares the states
+            self._attached = True
+            await self.servicer.set(LIVENESS, SERVING)
+            await self.set_ready(False)
 
     async def set_ready(self, ready: bool) -> None:
         for name in READINESS_NAMES:

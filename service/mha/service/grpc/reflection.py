@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
+
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 
@@ -23,7 +24,11 @@ def reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def enable(server: grpc.aio.Server) -> None:
-    """Serve reflection for the inference and health services."""
+def enable(server: Any) -> None:
+    """Serve reflection for the inference and health services.
+
+    server: a grpc.aio.Server or what stands in for one (mha.service.grpc.guard.Registrar).
+    """
     names = (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server, pool=reflection_pool())
+    servicer = reflection.aio.ReflectionServicer(names, pool=reflection_pool())  # type: ignore[attr-defined]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)

@@ -25,8 +25,10 @@ from mha.service.core.repository import ModelSpec
 from mha.service.core.scheduling import Runner
 from mha.service.core.settings import Settings
 from mha.service.core.stats import Statistics, StatsMetrics
-from mha.service.grpc import reflection
+from mha.service.grpc import reflection, security
+from mha.service.grpc.guard import HEALTH_SERVICE, Guard, Registrar
 from mha.service.grpc.health import Health
+from mha.service.grpc.reflection import INFERENCE_SERVICE
 from mha.service.grpc.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,16 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         grace_ms = int(settings.max_connection_age_grace_seconds * 1000)
         options.append(("grpc.max_connection_age_grace_ms", grace_ms))
     return options
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind one port, TLS when credentials are given, else plaintext; return the port."""
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as err:
+        raise OSError(f"cannot bind gRPC to {address}: {err}") from err
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -78,39 +90,72 @@ class Server:
         )
         self.health = Health()
         self.servicer = InferenceServicer(self.plane, self.is_ready)
+        tokens = None
+        if settings.auth_token_file is not None:
+            tokens = security.TokenFile(settings.auth_token_file)
+        self.guard = Guard(tokens, open_services=(HEALTH_SERVICE,))
+        self.certificates: security.CertificateFiles | None = None
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._health_grpc: grpc.aio.Server | None = None
 
     def is_ready(self) -> bool:
         return self.plane.ready and not self.draining
 
     async def start(self) -> int:
         """Bind, start serving (not ready yet) and the metrics endpoint; return the port."""
-        server = grpc.aio.server(options=grpc_options(self.settings))
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, server)
-        await self.health.attach(server)
-        if self.settings.reflection:
-            reflection.enable(server)
-        address = f"{self.settings.host}:{self.settings.port}"
-        try:
-            self.port = server.add_insecure_port(address)
-        except RuntimeError as err:
-            raise OSError(f"cannot bind gRPC to {address}: {err}") from err
+        settings = self.settings
+        credentials = None
+        if settings.tls_cert_file is not None:
+            credentials, self.certificates = security.server_credentials(settings)
+        server = grpc.aio.server(options=grpc_options(settings))
+        registrar = Registrar(
+            server, self.guard, takes_undecodable=(f"/{INFERENCE_SERVICE}/ModelStreamInfer",)
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, registrar)
+        await self.health.attach(registrar)
+        if settings.reflection:
+            reflection.enable(registrar)
+        registrar.done()
+        self.port = _bind(server, f"{settings.host}:{settings.port}", credentials)
         await server.start()
         self._grpc = server
-        log.info("gRPC listening on %s:%d", self.settings.host, self.port)
-        if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
-            if self.settings.metrics_port_file is not None:
-                write_port_file(self.settings.metrics_port_file, self.metrics_port)
-        if self.settings.port_file is not None:
-            write_port_file(self.settings.port_file, self.port)
+        security_note = "plaintext" if credentials is None else "TLS"
+        if settings.tls_client_ca_file is not None:
+            security_note = "mTLS (client certificates required)"
+        if settings.auth_token_file is not None:
+            security_note += ", bearer tokens required"
+        log.info("gRPC listening on %s:%d (%s)", settings.host, self.port, security_note)
+        if settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", settings.host, self.metrics_port)
+            if settings.metrics_port_file is not None:
+                write_port_file(settings.metrics_port_file, self.metrics_port)
+        if settings.health_port is not None:
+            await self._start_health_port(settings)
+        if settings.port_file is not None:
+            write_port_file(settings.port_file, self.port)
         self._sweeper = asyncio.create_task(self._evict_idle_sequences(), name="sequence-sweeper")
         return self.port
+
+    async def _start_health_port(self, settings: Settings) -> None:
+        """A plaintext server with grpc.health.v1 only: probes need no token or certificate."""
+        server = grpc.aio.server(options=grpc_options(settings))
+        registrar = Registrar(server, Guard(None))
+        await self.health.attach(registrar)
+        registrar.done()
+        self.health_port = _bind(server, f"{settings.host}:{settings.health_port}", None)
+        await server.start()
+        self._health_grpc = server
+        log.info(
+            "health (plaintext, grpc.health.v1 only) on %s:%d", settings.host, self.health_port
+        )
+        if settings.health_port_file is not None:
+            write_port_file(settings.health_port_file, self.health_port)
 
     async def _evict_idle_sequences(self) -> None:
         """Evict idle sequences even when no request comes (requests also evict on arrival)."""
@@ -148,6 +193,8 @@ class Server:
             self._sweeper.cancel()
         if self._grpc is not None:
             await self._quiet_then_stop(self._grpc)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         await self.plane.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.shutdown()

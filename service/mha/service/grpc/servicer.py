@@ -24,6 +24,7 @@ from mha.service.core import logs
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages
+from mha.service.grpc.guard import Undecodable
 from mha.service.grpc.streams import StreamAnswers
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return messages.infer_response(await self.plane.infer(decoded))
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request answered on the stream, in completion order; an error answers that
         request alone (error_message) and the stream stays open. Requests start in arrival

@@ -8,7 +8,8 @@ a stream response has no status field of its own); anything unexpected is answer
 fixed internal message and the request id, the traceback going to the log. When the client
 ends its side, the answers still pending are written before the stream ends; when the
 client goes away, pending requests are cancelled. Either way the sequences the stream
-started are ended (their caches freed).
+started are ended (their caches freed). A message that does not parse
+(mha.service.grpc.guard) is answered INVALID_ARGUMENT on its own, and the stream goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mha.service.core import logs
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages
+from mha.service.grpc.guard import Undecodable
 
 log = logging.getLogger(__name__)
 _DONE = object()  # the request side ended and every answer is queued
@@ -40,7 +42,7 @@ class StreamAnswers:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(
-        self, requests: AsyncIterator[pb.ModelInferRequest]
+        self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable]
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         reader = asyncio.create_task(self._read(requests))
         try:
@@ -57,8 +59,12 @@ class StreamAnswers:
         if ended:
             log.info("stream %s closed: %d sequence(s) ended with it", self.session, ended)
 
-    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable]) -> None:
         async for request in requests:
+            if isinstance(request, Undecodable):  # answered alone; the stream goes on
+                answer = self._error(pb.ModelInferRequest(), f"INVALID_ARGUMENT: {request.message}")
+                await self.answers.put(answer)
+                continue
             task = asyncio.create_task(self._answer(request))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
