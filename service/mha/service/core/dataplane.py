@@ -179,9 +179,11 @@ class DataPlane:
                 f"model {spec.name!r} is not a sequence model, so it takes no sequence_id "
                 f"(a model exported with --kv-cache decodes sequences)"
             )
-        decoded = validation.decode(request, spec, served.limits)
-        job = InferenceJob(request.id, decoded.inputs, decoded.outputs, request.deadline)
-        result = await self._run(served, job, request, labels)
+        checked = validation.check(request, spec, served.limits)
+        with served.admission.admit(request.id, checked.elements, request.deadline):
+            decoded = checked.decode()
+            job = InferenceJob(request.id, decoded.inputs, decoded.outputs, request.deadline)
+            result = await self._run(served, job, request, labels)
         return self._response(served, request, labels, result, result.outputs)
 
     async def _step(
@@ -203,8 +205,22 @@ class DataPlane:
         sequence_requests.check_one_sequence(request, key)
         if spec.sequence.is_memory:
             return await self._memory_step(served, request, labels, control, key)
-        query = validation.decode(request, spec, served.limits).inputs[contract.QUERY]
-        entry = await self._enter(served, request, control, key)
+        checked = validation.check(request, spec, served.limits)
+        with served.admission.admit(request.id, checked.elements, request.deadline):
+            query = checked.decode().inputs[contract.QUERY]
+            entry = await self._enter(served, request, control, key)
+            result = await self._step_run(served, request, labels, control, entry, query)
+        return self._step_response(served, request, labels, result)
+
+    async def _step_run(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        labels: tuple[str, str],
+        control: sequence_requests.SequenceControl,
+        entry: sequences.Sequence,
+        query: np.ndarray,
+    ) -> JobResult:
         failed = True
         try:
             self.sequences.make_room(entry, query.shape[1])
@@ -216,7 +232,7 @@ class DataPlane:
         finally:
             # A failed first request leaves no empty sequence behind.
             self.sequences.leave(entry, end=control.end or (failed and control.start))
-        return self._step_response(served, request, labels, result)
+        return result
 
     async def _memory_step(
         self,
@@ -229,8 +245,22 @@ class DataPlane:
         """A step over a held memory: the start request brings the memory, later ones not."""
         spec = served.spec
         view = sequence_requests.memory_request_spec(spec, request, control, key)
-        decoded = validation.decode(request, view, served.limits)
-        entry = await self._enter(served, request, control, key)
+        checked = validation.check(request, view, served.limits)
+        with served.admission.admit(request.id, checked.elements, request.deadline):
+            decoded = checked.decode()
+            entry = await self._enter(served, request, control, key)
+            result = await self._memory_run(served, request, labels, control, entry, decoded)
+        return self._step_response(served, request, labels, result)
+
+    async def _memory_run(
+        self,
+        served: ServedModel,
+        request: InferRequest,
+        labels: tuple[str, str],
+        control: sequence_requests.SequenceControl,
+        entry: sequences.Sequence,
+        decoded: validation.Decoded,
+    ) -> JobResult:
         failed = True
         try:
             if control.start:
@@ -244,7 +274,7 @@ class DataPlane:
             failed = False
         finally:
             self.sequences.leave(entry, end=control.end or (failed and control.start))
-        return self._step_response(served, request, labels, result)
+        return result
 
     async def _enter(
         self,

@@ -11,9 +11,10 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mha.service.core import runtime
+from mha.service.core.admission import Admission
 from mha.service.core.batching import BatchingOptions, BatchingScheduler
 from mha.service.core.decoding import MemoryRuns, StepRuns
 from mha.service.core.devices import CUDA, DevicePlan
@@ -35,6 +36,7 @@ class ServedModel:
     loaded: LoadedModel
     scheduler: Scheduler
     limits: Limits
+    admission: Admission = field(default_factory=lambda: Admission(0.0))
 
     @property
     def spec(self) -> ModelSpec:
@@ -145,7 +147,9 @@ class Loader:
         loaded = runtime.load(spec, self.device_plan, self.threads, self.settings.no_compute)
         runner = self.wrap_runner(loaded.runner) if self.wrap_runner else loaded.runner
         limits = limits_for(spec, self.settings)
-        return ServedModel(loaded, self.scheduler(spec, runner, limits, loaded.provider), limits)
+        scheduler = self.scheduler(spec, runner, limits, loaded.provider)
+        admission = Admission(self.settings.max_queue_delay_ms / 1000)
+        return ServedModel(loaded, scheduler, limits, admission)
 
     def scheduler(
         self, spec: ModelSpec, runner: Runner, limits: Limits, provider: str

@@ -203,8 +203,32 @@ def requested_outputs(asked: Sequence[str], spec: ModelSpec) -> tuple[str, ...]:
     return names
 
 
-def decode(request: InferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
-    """Every check of the request, then its arrays (the mask filled in when omitted)."""
+@dataclass(frozen=True)
+class Checked:
+    """A request whose structure and headers passed; its data not yet read."""
+
+    request: InferRequest
+    spec: ModelSpec
+    outputs: tuple[str, ...]
+
+    @property
+    def elements(self) -> int:
+        """Input elements the headers declare: the request's work (core.admission)."""
+        return sum(int(np.prod(t.shape, dtype=np.int64)) for t in self.request.inputs)
+
+    def decode(self) -> Decoded:
+        """The arrays (lengths, values checked), the mask filled in when omitted."""
+        spec = self.spec
+        arrays = {tensor.name: decode_tensor(tensor) for tensor in self.request.inputs}
+        if contract.KEY_PADDING_MASK not in arrays and spec.input(contract.KEY_PADDING_MASK):
+            query_or_key = arrays[contract.QUERY if spec.self_attention else contract.KEY]
+            arrays[contract.KEY_PADDING_MASK] = np.zeros(query_or_key.shape[:2], dtype=bool)
+        inputs = {t.name: arrays[t.name] for t in spec.inputs}  # graph order
+        return Decoded(inputs=inputs, outputs=self.outputs)
+
+
+def check(request: InferRequest, spec: ModelSpec, limits: Limits) -> Checked:
+    """Every check that needs no data: structure, headers, agreement, outputs."""
     if request.unreadable is not None:
         raise InvalidArgument(request.unreadable)
     by_name = check_structure(request.inputs, spec)
@@ -213,10 +237,9 @@ def decode(request: InferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
         assert expected is not None  # check_structure refused unknown names
         check_header(tensor, expected, limits)
     check_agreement(by_name, spec.self_attention)
-    outputs = requested_outputs(request.outputs, spec)
-    arrays = {tensor.name: decode_tensor(tensor) for tensor in request.inputs}
-    if contract.KEY_PADDING_MASK not in arrays and spec.input(contract.KEY_PADDING_MASK):
-        query_or_key = arrays[contract.QUERY if spec.self_attention else contract.KEY]
-        arrays[contract.KEY_PADDING_MASK] = np.zeros(query_or_key.shape[:2], dtype=bool)
-    inputs = {t.name: arrays[t.name] for t in spec.inputs}  # graph order
-    return Decoded(inputs=inputs, outputs=outputs)
+    return Checked(request, spec, requested_outputs(request.outputs, spec))
+
+
+def decode(request: InferRequest, spec: ModelSpec, limits: Limits) -> Decoded:
+    """Every check of the request, then its arrays (the mask filled in when omitted)."""
+    return check(request, spec, limits).decode()

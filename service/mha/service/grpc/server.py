@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from mha.service.core import memory
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.repository import ModelSpec
 from mha.service.core.scheduling import Runner
@@ -97,6 +98,8 @@ class Server:
         self.certificates: security.CertificateFiles | None = None
         self.draining = False
         self._sweeper: asyncio.Task[None] | None = None
+        self._trimming: asyncio.Task[None] | None = None
+        self.trimmer = memory.Trimmer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
@@ -140,6 +143,7 @@ class Server:
         if settings.port_file is not None:
             write_port_file(settings.port_file, self.port)
         self._sweeper = asyncio.create_task(self._evict_idle_sequences(), name="sequence-sweeper")
+        self._trimming = asyncio.create_task(self._trim_when_idle(), name="memory-trimmer")
         return self.port
 
     async def _start_health_port(self, settings: Settings) -> None:
@@ -164,9 +168,20 @@ class Server:
             await asyncio.sleep(period)
             self.plane.sequences.evict_idle()
 
+    async def _trim_when_idle(self) -> None:
+        """Return freed heap to the system once idle after growth (core.memory)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.trimmer.idle_seconds / 2)
+            idle_for = 0.0 if self.plane.active else time.monotonic() - self.plane.last_call
+            if self.trimmer.due(idle_for):
+                await loop.run_in_executor(None, self.trimmer.run)
+
     async def load_models(self) -> None:
         """Load and warm up every model version, then turn readiness SERVING."""
         count = await self.plane.load_all()
+        # Loading and warm-up leave freed heap behind: return it, and measure growth from here.
+        await asyncio.get_running_loop().run_in_executor(None, self.trimmer.run)
         if not self.draining:
             await self.health.set_ready(True)
             log.info("ready: %d model version(s) loaded", count)
@@ -189,8 +204,9 @@ class Server:
         """
         self.draining = True
         self.plane.refuse_new()
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._trimming):
+            if task is not None:
+                task.cancel()
         if self._grpc is not None:
             await self._quiet_then_stop(self._grpc)
         if self._health_grpc is not None:
