@@ -13,6 +13,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -390,3 +391,27 @@ def test_garbage_on_a_stream_answers_that_message_and_the_stream_goes_on(running
     assert len(served) == 1 and served[0].infer_response.id == "secure-1"
     output = codec.response_arrays(served[0].infer_response)["output"]
     np.testing.assert_equal(output.shape, (2, 5, 64))
+
+
+def test_the_readme_certificates_serve_mtls_with_a_token(repository: Path, tmp_path: Path):
+    """deploy/dev-certs.sh (the README's recipe) makes files the server and client accept."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl binary")
+    script = Path(__file__).parents[2] / "deploy" / "dev-certs.sh"
+    made = subprocess.run(["bash", str(script), str(tmp_path / "tls")], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    tls = tmp_path / "tls"
+    settings = settings_for(
+        repository, tls_cert_file=tls / "server.crt", tls_key_file=tls / "server.key",
+        tls_client_ca_file=tls / "ca.crt", auth_token_file=tls / "tokens",
+    )  # fmt: skip
+    server = _start(settings)
+    try:
+        token = (tls / "token").read_text().strip()
+        client = Pair(tls / "client.crt", tls / "client.key")
+        with _tls_channel(server.port, tls / "ca.crt", client) as channel:
+            assert _live(channel, [("authorization", f"Bearer {token}")])
+            assert _code(lambda: _live(channel)) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        server.close()

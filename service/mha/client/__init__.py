@@ -3,10 +3,13 @@
 from mha.client import Client
 with Client("localhost:8001") as client:
     result = client.infer("mha", {"query": query})  # result.outputs["output"]
+
+A secured server: Client(url, security=Security(ca_file=..., token_file=...)).
 """
 
 from mha.client.aio import AsyncClient
 from mha.client.core import ClientError, InferResult, SequenceStep, StreamAnswer
+from mha.client.security import Security
 from mha.client.streams import AsyncStream, Stream
 from mha.client.sync import Client
 
@@ -16,6 +19,7 @@ __all__ = [
     "Client",
     "ClientError",
     "InferResult",
+    "Security",
     "SequenceStep",
     "Stream",
     "StreamAnswer",

@@ -129,9 +129,9 @@ class Server:
         self._grpc = server
         security_note = "plaintext" if credentials is None else "TLS"
         if settings.tls_client_ca_file is not None:
-            security_note = "mTLS (client certificates required)"
+            security_note = "mTLS: client certificates required"
         if settings.auth_token_file is not None:
-            security_note += ", bearer tokens required"
+            security_note += "; bearer tokens required"
         log.info("gRPC listening on %s:%d (%s)", settings.host, self.port, security_note)
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
