@@ -81,6 +81,10 @@ class Guard:
         async def admit(context: grpc.aio.ServicerContext) -> None:
             if check is None:
                 return
+            await refuse_unless_accepted(context)
+
+        async def refuse_unless_accepted(context: grpc.aio.ServicerContext) -> None:
+            assert check is not None
             authorization = _authorization(context)
             if check.accepts(authorization):
                 return
@@ -93,13 +97,16 @@ class Guard:
             try:
                 return parse(raw)
             except Exception:
-                request_id = uuid.uuid4().hex[:12]
-                self.refusals["undecodable"] += 1
-                log.info(
-                    "%s refused: INVALID_ARGUMENT %s (%d bytes)", method, not_valid(kind),
-                    len(raw), extra={"request_id": request_id},
-                )  # fmt: skip
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, not_valid(kind))
+                await refuse_undecodable(raw, context)
+
+        async def refuse_undecodable(raw: bytes, context: grpc.aio.ServicerContext) -> None:
+            request_id = uuid.uuid4().hex[:12]
+            self.refusals["undecodable"] += 1
+            log.info(
+                "%s refused: INVALID_ARGUMENT %s (%d bytes)", method, not_valid(kind), len(raw),
+                extra={"request_id": request_id},
+            )  # fmt: skip
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, not_valid(kind))
 
         async def each(
             raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -122,8 +129,15 @@ class Guard:
             inner_uu: Any = handler.unary_unary
 
             async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-                await admit(context)
-                return await inner_uu(await parsed(raw, context), context)
+                # The hot path (ModelInfer): no coroutine beyond the method's own when no
+                # token is required and the message parses.
+                if check is not None:
+                    await refuse_unless_accepted(context)
+                try:
+                    request = parse(raw)
+                except Exception:
+                    await refuse_undecodable(raw, context)
+                return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
         if handler.unary_stream is not None:
