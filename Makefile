@@ -7,7 +7,8 @@ MHA := $(VENV)/bin/mha
 REPO ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run export test lint fmt proto bench-export bench-serve bench-decode bench-memory image smoke clean
+.PHONY: venv run export test lint fmt proto fuzz bench-export bench-serve bench-decode bench-memory \
+	bench-flood bench-soak image smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +41,12 @@ test: lint
 proto: $(STAMP)
 	$(PY) -m mha.service.grpc.protogen
 
+# Random requests against a real server for FUZZ_MINUTES (tests/service/fuzz_long.py); the
+# short, derandomized form runs in `make test` (tests/service/test_fuzz.py).
+FUZZ_MINUTES ?= 5
+fuzz: $(STAMP)
+	$(PY) tests/service/fuzz_long.py --minutes $(FUZZ_MINUTES)
+
 bench-export: $(STAMP)
 	$(MHA) bench export --out bench-out/export
 
@@ -51,6 +58,12 @@ bench-decode: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(MHA) bench memory --out bench-out/memory
+
+bench-flood: $(STAMP)
+	$(MHA) bench flood --out bench-out/flood
+
+bench-soak: $(STAMP)
+	$(MHA) bench soak --out bench-out/soak
 
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache

@@ -16,6 +16,8 @@ BENCHES: dict[str, tuple[str, str]] = {
     "serve": ("mha.bench.serve", "load generator for an OIP gRPC server (and this server)"),
     "decode": ("mha.bench.decode", "decoding with the server's KV cache vs recomputing"),
     "memory": ("mha.bench.memory", "a server-held cross-attention memory vs resending it"),
+    "flood": ("mha.bench.flood", "the server under bursts on one channel and random garbage"),
+    "soak": ("mha.bench.soak", "minutes of mixed load: memory growth and latency drift"),
 }
 
 

@@ -1,0 +1,156 @@
+"""`mha bench flood`: the report logic on given answers, the random requests, one tiny run.
+
+Not a timed test: the end-to-end run checks that every phase runs and reports (bursts of
+20, a random run of 50 on a d_model 64 model), never how the server fared; the targets'
+verdicts are asserted only on answers made up here.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from harness import link_repository
+from test_bench_cli import SCRIPT
+
+from mha.bench import flood_report
+from mha.bench.flood_load import Answer
+from mha.bench.flood_requests import KINDS, RandomRequests, Shapes
+from mha.proto import grpc_predict_v2_pb2 as pb
+
+SHAPES = Shapes("tiny", 64, "FP32", 64, 4096, 1 << 20)
+
+
+@pytest.fixture(scope="module")
+def flood_repo(exported: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository holding one small self-attention model (d_model 64, 4 heads) as "tiny"."""
+    root = tmp_path_factory.mktemp("flood-repo")
+    return link_repository(root, exported, {"tiny": {"target": "ort"}})
+
+
+def answers(*spec: tuple[str, str, float, int]) -> list[Answer]:
+    """(code, details, ms, count) -> that many answers."""
+    return [Answer("burst", c, d, ms / 1e3) for c, d, ms, n in spec for _ in range(n)]
+
+
+def burst_record(found: list[Answer], run_ms: float | None, probe: str = "OK") -> dict:
+    return {
+        "name": "burst",
+        "summary": flood_report.summarize(found),
+        "server": {"run_ms": run_ms},
+        "probe": {"code": probe},
+    }
+
+
+def verdicts(targets: list[dict]) -> list[bool | None]:
+    return [t["ok"] for t in targets]
+
+
+def test_retryable_refusals_with_reasons_pass_every_burst_target() -> None:
+    found = answers(("OK", "", 900.0, 90), ("UNAVAILABLE", "queue full; retry later", 5.0, 10))
+    targets = flood_report.burst_targets(burst_record(found, run_ms=20.0), 1000.0)
+    assert verdicts(targets) == [True, True, True, True, True]
+    assert targets[3]["bound"] == 1040.0  # max queue delay + 2 run times
+
+
+def test_cancelled_and_library_details_miss() -> None:
+    found = answers(("OK", "", 10.0, 50), ("CANCELLED", "CANCELLED", 100.0, 3),
+                    ("UNAVAILABLE", "Socket closed", 1.0, 2),
+                    ("RESOURCE_EXHAUSTED", "input 'query': over the limit", 60.0, 1))  # fmt: skip
+    summary = flood_report.summarize(found)
+    assert summary["codes"] == {"CANCELLED": 3, "OK": 50, "RESOURCE_EXHAUSTED": 1,
+                                "UNAVAILABLE": 2}  # fmt: skip
+    assert summary["unfit"] == 5 and summary["forbidden"] == 3
+    assert summary["details"]["CANCELLED"] == [["CANCELLED", 3]]
+    targets = flood_report.burst_targets(burst_record(found, run_ms=1.0, probe="UNAVAILABLE"), 0)
+    # accepted p99 has no bound when the queue delay is off (0)
+    assert verdicts(targets) == [False, False, False, None, False]
+
+
+def test_details_group_by_template() -> None:
+    found = answers(("INVALID_ARGUMENT", "raw contents are 10 bytes, needs 12", 1.0, 2),
+                    ("INVALID_ARGUMENT", "raw contents are 7 bytes, needs 8", 1.0, 1))  # fmt: skip
+    [[example, count]] = flood_report.summarize(found)["details"]["INVALID_ARGUMENT"]
+    assert count == 3 and example == "raw contents are 10 bytes, needs 12"
+
+
+def test_a_burst_without_refusals_has_no_refusal_verdict() -> None:
+    targets = flood_report.burst_targets(burst_record(answers(("OK", "", 5.0, 4)), None), 1000)
+    assert verdicts(targets) == [True, True, None, None, True]
+
+
+def test_random_run_targets() -> None:
+    found = [Answer("garbage", "INVALID_ARGUMENT", "not a ModelInferRequest", 0.001),
+             Answer("malformed", "INTERNAL", "internal error", 0.001)]  # fmt: skip
+    record = {"name": "random", "summary": flood_report.summarize(found), "probe": {"code": "OK"},
+              "rss_mb": {"warm": 100.0, "after": 130.0, "quiet": 119.0}}  # fmt: skip
+    targets = flood_report.random_targets(record, 0.2)
+    assert verdicts(targets) == [False, True, True]
+    record["rss_mb"]["quiet"] = 121.0
+    assert verdicts(flood_report.random_targets(record, 0.2))[1] is False
+    record["rss_mb"] = {"warm": None, "after": None, "quiet": None}  # no pid: unknown
+    assert verdicts(flood_report.random_targets(record, 0.2))[1] is None
+
+
+def test_random_requests_are_replayable_and_cover_every_kind() -> None:
+    requests = RandomRequests(SHAPES, seed=3)
+    assert requests.make(7) == RandomRequests(SHAPES, seed=3).make(7)
+    made = [requests.make(i) for i in range(600)]
+    assert {kind for kind, _ in made} == set(KINDS)
+    for kind, body in made:
+        if kind in ("valid", "large", "off_by_one"):
+            request = pb.ModelInferRequest.FromString(body)
+            query = request.inputs[0]
+            needed = query.shape[0] * query.shape[1] * query.shape[2] * 4
+            got = len(request.raw_input_contents[0])
+            assert (got == needed) == (kind != "off_by_one"), (kind, list(query.shape), got)
+            assert got <= SHAPES.max_send_bytes + 4
+
+
+def test_tiny_flood_runs_every_phase(flood_repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "flood", "--repository", str(flood_repo),
+               "--model", "tiny", "--burst-a", "20", "--burst-b", "20", "--random", "50",
+               "--quiet-seconds", "0.2", "--threads", "1", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads((out / "bench.json").read_text())
+    assert [p["name"] for p in document["phases"]] == ["burst A", "burst B", "random"]
+    for phase, count in zip(document["phases"], (20, 20, 50), strict=True):
+        summary = phase["summary"]
+        assert summary["requests"] == sum(summary["codes"].values()) == count, phase
+        assert phase["probe"]["code"], phase
+    burst_a, _, random_run = document["phases"]
+    assert burst_a["shape"] == "(8,128)" and burst_a["rss_mb"]["before"] > 0
+    assert burst_a["server"]["runs"] >= 1  # /metrics of the server it started
+    assert sum(sum(c.values()) for c in random_run["kinds"].values()) == 50
+    assert set(random_run["rss_mb"]) == {"warm", "after", "quiet"}
+    assert {t["phase"] for t in document["targets"]} == {"burst A", "burst B", "random"}
+    assert all(t["ok"] in (True, False, None) for t in document["targets"])
+    assert len(document["machine"]["loadavg_before"]) == 3
+    assert document["max_queue_delay_ms"]["value"] >= 0
+    markdown = (out / "bench.md").read_text()
+    for title in ("## bursts", "## refusals by code and details", "## random requests",
+                  "## targets", "load average"):  # fmt: skip
+        assert title in markdown and title in run.stdout
+    lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "MISS", "n/a"))]
+    assert len(lines) == len(document["targets"])
+
+
+def test_flood_exits_2_when_the_server_cannot_start(flood_repo: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "mha.cli", "bench", "flood", "--repository", str(flood_repo),
+               "--model", "tiny", "--server-arg=--no-such-flag",
+               "--out", str(tmp_path)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "mha serve exited" in run.stderr and not (tmp_path / "bench.json").exists()
+
+
+def test_flood_help_loads_no_export_tools() -> None:
+    argv = [sys.executable, "-c", SCRIPT, "bench", "flood", "--help"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.startswith("[] "), done.stdout + done.stderr
