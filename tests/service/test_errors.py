@@ -131,6 +131,8 @@ CASES: list[tuple[str, Mutation | Callable[[], pb.ModelInferRequest], grpc.Statu
     ("unknown-version", set_field(model_version="7"), NOT_FOUND,
      "model 'cross' has no version '7'; versions: 1"),
     ("non-numeric-version", set_field(model_version="latest"), NOT_FOUND, "no version 'latest'"),
+    ("superscript-version", set_field(model_version="\u00b9"), NOT_FOUND, "no version '\u00b9'"),
+    ("fullwidth-version", set_field(model_version="\uff11"), NOT_FOUND, "no version '\uff11'"),
     ("missing-input", drop_input("key"), INVALID, "missing input 'key' for model 'cross'"),
     ("unknown-input", add_input("bias", np.zeros((2, 5), np.float32)), INVALID,
      "unknown input 'bias' for model 'cross'; expected: query, key, value, key_padding_mask"),

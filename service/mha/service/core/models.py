@@ -59,7 +59,9 @@ class ModelTable:
             )
         if not version:
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
+        # ASCII digits only: "¹" or "①" pass isdigit() but int() refuses them, and "１" or
+        # "١" would otherwise name version 1.
+        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
             raise NotFound(
                 f"model {name!r} has no version {version!r}; versions: "
                 f"{', '.join(str(v) for v in sorted(versions))}"

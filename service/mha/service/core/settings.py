@@ -52,6 +52,7 @@ class Settings:
     max_sequences: int = 1024  # active sequences at once, over every sequence model
     sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
     max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
+    max_concurrent_rpcs: int = 1024  # calls in progress at once, streams included (0 = no limit)
     tls_cert_file: Path | None = None  # TLS on the gRPC port (with tls_key_file)
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # mTLS: client certificates required, verified
@@ -103,6 +104,7 @@ class Settings:
             "max_batch_delay_us": self.max_batch_delay_us,
             "sequence_idle_seconds": self.sequence_idle_seconds,
             "max_queue_delay_ms": self.max_queue_delay_ms,
+            "max_concurrent_rpcs": self.max_concurrent_rpcs,
         }
         for name, amount in non_negative.items():
             if amount < 0:
@@ -184,6 +186,9 @@ SPECS: tuple[Spec, ...] = (
          "evict a sequence unused for this long"),
     Spec("max_queue_delay_ms", "MHA_MAX_QUEUE_DELAY_MS", float,
          "refuse at once (UNAVAILABLE) a request expected to queue longer (0 = off)"),
+    Spec("max_concurrent_rpcs", "MHA_MAX_CONCURRENT_RPCS", int,
+         "calls in progress at once, streams included; more get RESOURCE_EXHAUSTED before "
+         "their message is read (0 = no limit)"),
     Spec("tls_cert_file", "MHA_TLS_CERT_FILE", Path,
          "TLS: the server's certificate chain, PEM (reloaded when the file changes)"),
     Spec("tls_key_file", "MHA_TLS_KEY_FILE", Path, "TLS: the server's private key, PEM"),

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # On stop, answer UNAVAILABLE until calls pause this long (see Server.stop), at most ...
 QUIET_SECONDS = 0.1
 QUIET_LIMIT_SECONDS = 1.0
+PENDING_CALLS = 1 << 20  # gRPC core's backlog of calls not yet picked up (see grpc_options)
 
 
 def grpc_options(settings: Settings) -> list[tuple[str, int]]:
@@ -46,6 +47,12 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Two servers must never share a port by accident (tests bind port 0 in parallel).
         ("grpc.so_reuseport", 0),
+        # Calls the asyncio server has not picked up yet wait in gRPC core, which CANCELs them
+        # at random past 1,000 and all past 3,000 by default: answers nobody asked for and no
+        # reason given. The server's own limits (--max-concurrent-rpcs, the queues) refuse
+        # instead, saying why; so core's backlog limits are set out of their way.
+        ("grpc.server.max_pending_requests", PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
     ]
     if settings.max_connection_age_seconds > 0:
         age_ms = int(settings.max_connection_age_seconds * 1000)
@@ -115,7 +122,10 @@ class Server:
         credentials = None
         if settings.tls_cert_file is not None:
             credentials, self.certificates = security.server_credentials(settings)
-        server = grpc.aio.server(options=grpc_options(settings))
+        server = grpc.aio.server(
+            options=grpc_options(settings),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        )
         registrar = Registrar(
             server, self.guard, takes_undecodable=(f"/{INFERENCE_SERVICE}/ModelStreamInfer",)
         )
