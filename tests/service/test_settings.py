@@ -133,6 +133,9 @@ def test_grpc_options_carry_limits_and_connection_age():
     )
     assert aged["grpc.max_connection_age_ms"] == 300_000
     assert aged["grpc.max_connection_age_grace_ms"] == 30_000
+    assert "grpc.max_concurrent_streams" not in options  # 0 = gRPC's default, unlimited
+    streams = dict(grpc_options(Settings(max_concurrent_streams=64)))
+    assert streams["grpc.max_concurrent_streams"] == 64
 
 
 def test_padding_cap_defaults_by_device():

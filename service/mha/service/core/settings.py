@@ -53,6 +53,7 @@ class Settings:
     sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
     max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
     max_concurrent_rpcs: int = 1024  # calls in progress at once, streams included (0 = no limit)
+    max_concurrent_streams: int = 0  # HTTP/2 streams per connection (0 = gRPC's: unlimited)
     tls_cert_file: Path | None = None  # TLS on the gRPC port (with tls_key_file)
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # mTLS: client certificates required, verified
@@ -105,6 +106,7 @@ class Settings:
             "sequence_idle_seconds": self.sequence_idle_seconds,
             "max_queue_delay_ms": self.max_queue_delay_ms,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
+            "max_concurrent_streams": self.max_concurrent_streams,
         }
         for name, amount in non_negative.items():
             if amount < 0:
@@ -189,6 +191,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_concurrent_rpcs", "MHA_MAX_CONCURRENT_RPCS", int,
          "calls in progress at once, streams included; more get RESOURCE_EXHAUSTED before "
          "their message is read (0 = no limit)"),
+    Spec("max_concurrent_streams", "MHA_MAX_CONCURRENT_STREAMS", int,
+         "HTTP/2 streams open at once per connection: bounds what one client can make the "
+         "server buffer (0 = unlimited)"),
     Spec("tls_cert_file", "MHA_TLS_CERT_FILE", Path,
          "TLS: the server's certificate chain, PEM (reloaded when the file changes)"),
     Spec("tls_key_file", "MHA_TLS_KEY_FILE", Path, "TLS: the server's private key, PEM"),

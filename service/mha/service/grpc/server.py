@@ -54,6 +54,8 @@ def grpc_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", 2 * PENDING_CALLS),
     ]
+    if settings.max_concurrent_streams > 0:
+        options.append(("grpc.max_concurrent_streams", settings.max_concurrent_streams))
     if settings.max_connection_age_seconds > 0:
         age_ms = int(settings.max_connection_age_seconds * 1000)
         options.append(("grpc.max_connection_age_ms", age_ms))
