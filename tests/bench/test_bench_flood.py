@@ -8,6 +8,7 @@ verdicts are asserted only on answers made up here.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import pytest
 from harness import link_repository
 from test_bench_cli import SCRIPT
 
-from mha.bench import flood_report
+from mha.bench import flood_metrics, flood_report
 from mha.bench.flood_load import Answer
 from mha.bench.flood_requests import KINDS, RandomRequests, Shapes
 from mha.proto import grpc_predict_v2_pb2 as pb
@@ -96,6 +97,102 @@ def test_random_run_targets() -> None:
     assert verdicts(flood_report.random_targets(record, 0.2))[1] is None
 
 
+def buckets_text(name: str, labels: str, counts: list[float]) -> str:
+    """Prometheus text of one histogram series: cumulative counts at 1, 10, 100 ms, +Inf."""
+    bounds = ["0.001", "0.01", "0.1", "+Inf"]
+    lines = [f'{name}_bucket{{le="{b}",{labels}}} {c}' for b, c in zip(bounds, counts, strict=True)]
+    return "\n".join([*lines, f"{name}_count{{{labels}}} {counts[-1]}", ""])
+
+
+def test_histogram_delta_quantiles_are_bucket_bounds() -> None:
+    name = flood_metrics.REQUEST
+    ok1, ok2 = 'model="m",outcome="success",version="1"', 'model="m",outcome="success",version="2"'
+    full = 'model="m",outcome="queue_full",version="1"'
+    other = 'model="other",outcome="success",version="1"'
+    before = buckets_text(name, ok1, [1, 2, 2, 2]) + buckets_text(name, other, [5, 5, 5, 5])
+    after = (
+        buckets_text(name, ok1, [1, 2, 60, 61])  # + 58 between 10 and 100 ms, 1 past 100
+        + buckets_text(name, ok2, [0, 0, 39, 39])  # a new series: + 39 between 10 and 100
+        + buckets_text(name, full, [99, 100, 100, 100])  # + 99 under 1 ms, 1 under 10
+        + buckets_text(name, other, [50, 50, 50, 50])  # another model: left out
+    )
+    deltas = flood_metrics.delta(
+        flood_metrics.histogram(before, name, "m", "outcome"),
+        flood_metrics.histogram(after, name, "m", "outcome"),
+    )
+    assert deltas["success"] == {0.001: 0, 0.01: 0, 0.1: 97, math.inf: 98}
+    assert flood_metrics.quantile_bound(deltas["success"], 0.5) == 0.1
+    assert flood_metrics.quantile_bound(deltas["success"], 0.99) == math.inf  # the 98th of 98
+    assert flood_metrics.quantile_bound(deltas["queue_full"], 0.99) == 0.001  # the 99th of 100
+    assert flood_metrics.quantile_bound(deltas["queue_full"], 1.0) == 0.01
+    assert flood_metrics.quantile_bound({0.001: 0, math.inf: 0}, 0.5) is None
+    view = flood_metrics.server_view(before, after, "m")
+    assert view is not None and view["by_outcome"]
+    assert view["bucket_bounds_ms"] == [1, 10, 100]
+    assert view["accepted"] == {
+        "count": 98,
+        "cumulative": [0, 0, 97, 98],
+        "p50_le_ms": 100,
+        "p50": "<= 100 ms",
+        "p99_le_ms": math.inf,
+        "p99": "> 100 ms",
+    }  # p99 past the last bound: null in the JSON
+    assert view["refused"]["count"] == 100 and view["refused"]["p99"] == "<= 1 ms"
+    assert view["queue"]["count"] == 0 and view["queue"]["p99"] == "-"
+    # The same histogram without an outcome label: one group, counts from the counter.
+    plain = after.replace('outcome="success",', "").replace('outcome="queue_full",', "")
+    plain += 'mha_requests_total{model="m",outcome="queue_full",version="1"} 100.0\n'
+    view = flood_metrics.server_view(plain, plain.replace("} 100.0", "} 107.0"), "m")
+    assert view is not None and not view["by_outcome"] and view["requests"] == {}
+    assert view["outcomes"] == {"queue_full": 7}
+
+
+def test_burst_breakdown_tables_and_sentence() -> None:
+    name = flood_metrics.REQUEST
+    ok, full = (
+        'model="m",outcome="success",version="1"',
+        'model="m",outcome="queue_delay",version="1"',
+    )
+    after = buckets_text(name, ok, [0, 0, 90, 90]) + buckets_text(name, full, [8, 8, 8, 8])
+    reset = "Stream removed (RST_STREAM with error code 7)"
+    found = answers(("OK", "", 900.0, 90), ("UNAVAILABLE", "queue delay over the bound", 400.0, 8),
+                    ("UNAVAILABLE", reset, 30.0, 2))  # fmt: skip
+    record = {"name": "burst A", "wall_s": 2.0, "summary": flood_report.summarize(found),
+              "server_view": flood_metrics.server_view("", after, "m"),
+              "sent": {"bytes": 98 * 1_000_000, "mb_per_s": 49.0}}  # fmt: skip
+    record["breakdown"] = split = flood_report.breakdown(record)
+    assert split["server_scope"] == "by outcome"
+    assert split["accepted"] == {"client_p99_ms": 900.0, "server_p99_le_ms": 100.0,
+                                 "wire_client_ms": 800.0, "coarse": False}  # fmt: skip
+    assert split["refused"]["server_p99_le_ms"] == 1.0
+    faster = dict(record, summary=flood_report.summarize(answers(("OK", "", 50.0, 10))))
+    assert flood_report.breakdown(faster)["accepted"]["coarse"]  # <= 100 ms says nothing of 50
+    assert "| every refusal | 8 " in flood_report.server_table([record])
+    assert "HTTP/2 2" in flood_report.transfer_table([record])
+    sentence = flood_report.server_sentence(record)
+    assert sentence.startswith(
+        "burst A server side: refusals answered in <= 1 ms (p99) after the handler started; "
+        "accepted <= 100 ms; client side p99 "
+    ), sentence
+    assert "transfer of 98 MB" in sentence and "2 refusals came from the transport" in sentence
+
+
+def test_refusal_sources() -> None:
+    assert flood_report.source("Stream removed (RST_STREAM with error code 7)") == "HTTP/2"
+    assert flood_report.source("Concurrent RPC limit exceeded!") == "gRPC"
+    assert flood_report.source("Deadline Exceeded") == "gRPC"
+    assert flood_report.source("queue full; retry later") == "server"
+    found = answers(("OK", "", 900.0, 5),
+                    ("UNAVAILABLE", "Received RST_STREAM with error code 7", 5.0, 2),
+                    ("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!", 5.0, 3),
+                    ("DEADLINE_EXCEEDED", "Deadline Exceeded", 5.0, 1),
+                    ("UNAVAILABLE", "queue full", 5.0, 4))  # fmt: skip
+    summary = flood_report.summarize(found)
+    assert summary["sources"] == {"server": 4, "gRPC": 4, "HTTP/2": 2}
+    assert summary["before_handler"] == {"HTTP/2": 2, "gRPC": 3}  # not the client's deadline
+    assert summary["unfit"] == 3  # the PASS/MISS rule is the same as before
+
+
 def test_random_requests_are_replayable_and_cover_every_kind() -> None:
     requests = RandomRequests(SHAPES, seed=3)
     assert requests.make(7) == RandomRequests(SHAPES, seed=3).make(7)
@@ -127,6 +224,11 @@ def test_tiny_flood_runs_every_phase(flood_repo: Path, tmp_path: Path) -> None:
     burst_a, _, random_run = document["phases"]
     assert burst_a["shape"] == "(8,128)" and burst_a["rss_mb"]["before"] > 0
     assert burst_a["server"]["runs"] >= 1  # /metrics of the server it started
+    view = burst_a["server_view"]  # /metrics deltas: every burst request reached the server
+    assert view is not None and view["bucket_bounds_ms"] and view["compute"]["count"] >= 1
+    assert sum(view["outcomes"].values()) + sum(burst_a["summary"]["before_handler"].values()) == 20
+    assert burst_a["sent"]["bytes"] >= 20 * 8 * 128 * 64 * 4 or burst_a["summary"]["before_handler"]
+    assert set(burst_a["breakdown"]) == {"server_scope", "accepted", "refused"}
     assert sum(sum(c.values()) for c in random_run["kinds"].values()) == 50
     assert set(random_run["rss_mb"]) == {"warm", "after", "quiet"}
     assert {t["phase"] for t in document["targets"]} == {"burst A", "burst B", "random"}
@@ -134,7 +236,9 @@ def test_tiny_flood_runs_every_phase(flood_repo: Path, tmp_path: Path) -> None:
     assert len(document["machine"]["loadavg_before"]) == 3
     assert document["max_queue_delay_ms"]["value"] >= 0
     markdown = (out / "bench.md").read_text()
-    for title in ("## bursts", "## refusals by code and details", "## random requests",
+    for title in ("## bursts", "## bursts, server side", "bucket bounds (ms)",
+                  "burst A server side:", "burst B server side:",
+                  "## refusals by code and details", "## random requests",
                   "## targets", "load average"):  # fmt: skip
         assert title in markdown and title in run.stdout
     lines = [line for line in run.stdout.splitlines() if line.startswith(("PASS", "MISS", "n/a"))]

@@ -69,7 +69,9 @@ def test_metrics_add_up_and_agree_with_model_statistics(served: RunningServer):
         assert requests == successes == stat.inference_stats.success.count
         invalid = value(samples, "mha_requests_total", **labels, outcome="invalid_argument")
         assert invalid == fails == stat.inference_stats.fail.count
-        assert value(samples, "mha_request_duration_seconds_count", **labels) == successes + fails
+        durations = "mha_request_duration_seconds_count"
+        assert value(samples, durations, **labels, outcome="success") == successes
+        assert value(samples, durations, **labels, outcome="invalid_argument") == fails
         assert value(samples, "mha_queue_duration_seconds_count", **labels) == successes
         assert stat.inference_stats.queue.count == stat.inference_stats.compute_infer.count
         # Session runs: one per request without batching, fewer or equal with it.

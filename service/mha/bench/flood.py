@@ -13,6 +13,11 @@ flags via --server-arg); --url measures a running server. Targets print PASS or 
 the exit status is 0 either way (figures, not a test) unless the server could not be
 started, died, or could not be reached. The machine may be shared: the JSON and the
 tables carry the load average before and after.
+
+Each burst also gets the server's side (mha.bench.flood_metrics): /metrics scraped before
+and after it, the delta of the request, queue and session-run histograms (quantiles as
+bucket bounds), the bytes the burst sent, its rate over the wall time, and client p99
+minus server p99 as an estimate of what the wire and the client's event loop took.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mha import contract
-from mha.bench import arguments, flood_report, report
+from mha.bench import arguments, flood_metrics, flood_report, report
 from mha.bench.flood_load import Answer, Fired, FloodFailed, burst, probe, query_request, random_run
 from mha.bench.flood_requests import RandomRequests, Shapes
 from mha.bench.flood_server import (
@@ -37,6 +42,7 @@ from mha.bench.flood_server import (
     flag_value,
     max_queue_delay_ms,
     open_target,
+    run_totals,
 )
 from mha.client import Client, ClientError
 from mha.errors import CliError
@@ -184,17 +190,23 @@ class Flood:
         batch, length = batch_length
         say(f"{name}: {count} x ({batch},{length}) at once on one channel ...")
         body = query_request(self.shapes, batch, length, seed=self.args.seed)
-        rss_before, before = self.target.rss_mb(), self.target.run_totals(self.shapes.model)
+        model = self.shapes.model
+        rss_before, before = self.target.rss_mb(), self.target.metrics()
         fired = burst(self.target.url, body, count, self.timeout)
-        rss_after, after = self.target.rss_mb(), self.target.run_totals(self.shapes.model)
+        rss_after, after = self.target.rss_mb(), self.target.metrics()
         record = self.record(name, fired)
+        refused_early = sum(record["summary"]["before_handler"].values())
         record.update(
             shape=f"({batch},{length})",
-            server=run_figures(before, after),
+            server=run_figures(run_totals(before, model), run_totals(after, model)),
+            server_view=flood_metrics.server_view(before, after, model),
+            sent=sent(len(body), count - refused_early, fired.wall_s),
             rss_mb={"before": rss_before, "after": rss_after},
             probe=self.probe(),
         )
+        record["breakdown"] = flood_report.breakdown(record)
         self.keep(record)
+        say(flood_report.server_sentence(record))
 
     def random(self) -> None:
         args, count = self.args, self.args.random_requests
@@ -254,6 +266,19 @@ def run_figures(before: dict[str, float] | None, after: dict[str, float] | None)
         "runs": runs,
         "run_ms": 1e3 * compute / runs if runs else None,
         "mean_batch": samples / runs if runs else None,
+    }
+
+
+def sent(message_bytes: int, messages: int, wall_s: float) -> dict[str, Any]:
+    """What a burst put on its connection: `messages` requests (those the transport refused
+    before the handler left out: they may not have sent their body), each with gRPC's
+    5-byte prefix; HTTP/2 framing aside. The rate is over the burst's wall time."""
+    total = (message_bytes + 5) * messages
+    return {
+        "message_bytes": message_bytes + 5,
+        "messages": messages,
+        "bytes": total,
+        "mb_per_s": total / wall_s / 1e6 if wall_s > 0 else None,
     }
 
 
@@ -337,6 +362,12 @@ def print_tables(document: dict[str, Any]) -> str:
         sections += [
             "## bursts, every request started at once on one channel",
             flood_report.bursts_table(bursts),
+            "## bursts, server side: handler start -> answer (delta of /metrics over the burst)",
+            flood_report.server_table(bursts),
+            flood_report.bounds_line(bursts),
+            "## bursts, transfer and the wire's share (client p99 - server p99, an estimate)",
+            flood_report.transfer_table(bursts),
+            "\n".join(flood_report.server_sentence(b) for b in bursts),
         ]
     sections += ["## refusals by code and details", flood_report.details_table(records)]
     for r in randoms:

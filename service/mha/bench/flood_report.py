@@ -4,6 +4,12 @@ A refusal is any answer but OK. It is retryable with a reason when its code is U
 RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED and its details say something beyond what the gRPC
 library writes by itself ("CANCELLED", "Deadline Exceeded", "Socket closed", ...): a client
 can back off and knows why. Targets print PASS, MISS, or n/a when nothing measured them.
+
+Each refusal also has a source, from its details: "HTTP/2" when the stream was reset
+("Stream removed", "RST_STREAM ... error code 7" = REFUSED_STREAM, GOAWAY), "gRPC" for the
+library's own words (its concurrent-RPC limit, "Deadline Exceeded", ...), "server" for
+mha's. HTTP/2 resets and gRPC's concurrent-RPC limit come before the handler: the server's
+/metrics never see those requests (mha.bench.flood_metrics).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ LIBRARY_DETAILS = (
     "Broken pipe",
 )
 LIBRARY_PREFIXES = ("failed to connect", "Received RST_STREAM", "Stream removed", "GOAWAY")
+HTTP2_MARKERS = ("RST_STREAM", "Stream removed", "GOAWAY", "REFUSED_STREAM")
+GRPC_LIMIT = "Concurrent RPC limit exceeded"  # grpc's server, past maximum_concurrent_rpcs
+SOURCES = ("server", "gRPC", "HTTP/2")
 DETAILS_CHARS = 110
 DETAILS_SHOWN = 5  # distinct details per code
 
@@ -42,6 +51,19 @@ def has_reason(details: str) -> bool:
     """Whether details carry the server's reason, not only gRPC's own words."""
     text = details.strip()
     return text not in LIBRARY_DETAILS and not text.startswith(LIBRARY_PREFIXES)
+
+
+def source(details: str) -> str:
+    """Who wrote a refusal's details: "HTTP/2", "gRPC" or "server" (see the module's doc)."""
+    text = details.strip()
+    if any(marker in text for marker in HTTP2_MARKERS):
+        return "HTTP/2"
+    return "gRPC" if GRPC_LIMIT in text or not has_reason(text) else "server"
+
+
+def before_handler(details: str) -> bool:
+    """Whether the transport refused the call before mha's handler could see it."""
+    return source(details) == "HTTP/2" or GRPC_LIMIT in details
 
 
 def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
@@ -87,6 +109,10 @@ def summarize(answers: Sequence[Answer]) -> Row:
         "without_reason": sum(not has_reason(a.details) for a in refused),
         "unfit": sum(a.code not in RETRYABLE or not has_reason(a.details) for a in refused),
         "forbidden": sum(codes[c] for c in FORBIDDEN),
+        "sources": {k: n for k in SOURCES if (n := sum(source(a.details) == k for a in refused))},
+        "before_handler": dict(
+            sorted(Counter(source(a.details) for a in refused if before_handler(a.details)).items())
+        ),
     }
 
 
@@ -224,11 +250,14 @@ def details_table(records: Sequence[Row]) -> str:
     for r in records:
         for code, seen in r["summary"]["details"].items():
             for text, n in seen[:DETAILS_SHOWN]:
-                rows.append([r["name"], code, n, text or "(empty)"])
+                rows.append([r["name"], code, n, source(text), text or "(empty)"])
             if len(seen) > DETAILS_SHOWN:
                 rest = sum(n for _, n in seen[DETAILS_SHOWN:])
-                rows.append([r["name"], code, rest, f"({len(seen) - DETAILS_SHOWN} more)"])
-    return table(["phase", "code", "count", "details"], rows) if rows else "(no refusals)"
+                more = {source(text) for text, _ in seen[DETAILS_SHOWN:]}
+                rows.append([r["name"], code, rest, "/".join(sorted(more)),
+                             f"({len(seen) - DETAILS_SHOWN} more)"])  # fmt: skip
+    headers = ["phase", "code", "count", "source", "details"]
+    return table(headers, rows) if rows else "(no refusals)"
 
 
 def kinds_table(kinds: dict[str, dict[str, int]]) -> str:
@@ -259,3 +288,140 @@ def verdict_lines(targets: Sequence[Row]) -> str:
         f"(measured {cell(t['value'])}, bound {cell(t['bound'])})"
         for t in targets
     )
+
+
+def breakdown(record: Row) -> Row:
+    """Client p99 against the server's, for accepted and refused requests; their difference
+    estimates the share of the wire and the client (the transfer, the event loop). Only an
+    estimate: quantiles do not subtract, and the server's figure is a bucket's upper bound
+    (None, "coarse", when that bound is above the client's p99: the bucket says nothing)."""
+    s, view = record["summary"], record.get("server_view")
+    scope = None if view is None else "by outcome" if view["by_outcome"] else "all outcomes"
+    found: Row = {"server_scope": scope}
+    for side in ("accepted", "refused"):
+        client, server = s[f"{side}_p99_ms"], _server_p99(view, side)
+        rest, coarse = None, False
+        if client is not None and server is not None:
+            coarse = not math.isfinite(server) or server > client
+            rest = None if coarse else client - server
+        found[side] = {"client_p99_ms": client, "server_p99_le_ms": server,
+                       "wire_client_ms": rest, "coarse": coarse}  # fmt: skip
+    return found
+
+
+def _server_p99(view: Row | None, side: str) -> float | None:
+    if view is None:
+        return None
+    figures = view[side] if view["by_outcome"] else view["requests"].get("all")
+    return None if not figures else figures["p99_le_ms"]
+
+
+def _le(ms: float | None) -> str:
+    if ms is None:
+        return "-"
+    return f"<= {ms:g}" if math.isfinite(ms) else "> last bucket"
+
+
+def transfer_table(bursts: Sequence[Row]) -> str:
+    """Per burst: what went over the one connection, and the client's p99 against the
+    server's (an estimate of the wire's and the client's share)."""
+    headers = [
+        "phase",
+        "wall s",
+        "sent MB",
+        "MB/s",
+        "accepted p99 ms: client",
+        "server",
+        "wire + client",
+        "refused p99 ms: client",
+        "server",
+        "wire + client",
+        "refused before the handler",
+    ]
+    rows = []
+    for b in bursts:
+        sent, split = b["sent"], b["breakdown"]
+        row = [b["name"], b["wall_s"], sent["bytes"] / 1e6, sent["mb_per_s"]]
+        every = " (all outcomes)" if split["server_scope"] == "all outcomes" else ""
+        for side in ("accepted", "refused"):
+            part = split[side]
+            if part["client_p99_ms"] is None:  # none of that side on the client
+                row += [None, "-", None]
+            else:
+                server = _le(part["server_p99_le_ms"])
+                rest = "- (bucket too coarse)" if part["coarse"] else part["wire_client_ms"]
+                row += [part["client_p99_ms"], server + every * (server != "-"), rest]
+        rows.append([*row, _codes(b["summary"]["before_handler"])])
+    return table(headers, rows)
+
+
+def server_table(bursts: Sequence[Row]) -> str:
+    """Per burst, from the delta of the server's /metrics histograms: request durations
+    (handler start -> answer) by outcome, the queue time of accepted requests, the runs."""
+    rows: list[list[Any]] = []
+    for b in bursts:
+        view, name = b.get("server_view"), b["name"]
+        if view is None:
+            rows.append([name, "(no /metrics)", "-", None, "-", "-"])
+            continue
+        for outcome, f in view["requests"].items():
+            if outcome == "all":
+                outcome = "all: " + _codes(view["outcomes"])
+            rows.append([name, "request", outcome, f["count"], f["p50"], f["p99"]])
+        if view["by_outcome"] and len(view["requests"]) > 1:
+            f = view["refused"]
+            rows.append([name, "request", "every refusal", f["count"], f["p50"], f["p99"]])
+        for key, what in (("queue", "queue (accepted)"), ("compute", "session run")):
+            f = view[key]
+            rows.append([name, what, "-", f["count"], f["p50"], f["p99"]])
+    return table(["phase", "measure", "outcome", "count", "p50", "p99"], rows)
+
+
+def bounds_line(bursts: Sequence[Row]) -> str:
+    views = [b["server_view"] for b in bursts if b.get("server_view")]
+    if not views:
+        return "no /metrics: the server side is n/a (--metrics-url)"
+    bounds = ", ".join(f"{ms:g}" for ms in views[0]["bucket_bounds_ms"])
+    return (
+        f"quantiles are the upper bound of the bucket holding them; bucket bounds (ms): "
+        f"{bounds}, +Inf. Requests refused before the handler are not in these counts."
+    )
+
+
+def server_sentence(record: Row) -> str:
+    """One sentence: the server's p99 against the client's, and what the rest is."""
+    view, split, name = record.get("server_view"), record["breakdown"], record["name"]
+    if view is None:
+        return f"{name}: server side n/a (no /metrics)"
+    if view["by_outcome"]:
+        refused = view["refused"]
+        said = (
+            f"refusals answered in {refused['p99']} (p99) after the handler started"
+            if refused["count"]
+            else "no refusal reached the handler"
+        )
+        said += f"; accepted {view['accepted']['p99']}"
+    else:
+        every = view["requests"].get("all")
+        said = (
+            f"every outcome together ({_codes(view['outcomes'])}; the request histogram has "
+            f"no outcome label) answered in {every['p99'] if every else '-'} (p99) after the "
+            "handler started"
+        )
+    client = ", ".join(
+        f"{cell(split[side]['client_p99_ms'])} ms {side}"
+        for side in ("refused", "accepted")
+        if split[side]["client_p99_ms"] is not None
+    )
+    mb = cell(record["sent"]["bytes"] / 1e6)
+    text = (
+        f"{name} server side: {said}; client side p99 {client or '-'}: the rest is the "
+        f"transfer of {mb} MB on one connection and the wait for the event loop"
+    )
+    s = record["summary"]
+    if s["before_handler"]:
+        text += (
+            f"; {sum(s['before_handler'].values())} refusals came from the transport "
+            f"({_codes(s['before_handler'])}) and never reached the handler"
+        )
+    return text + "."

@@ -70,12 +70,7 @@ class Target:
 
     def run_totals(self, model: str) -> dict[str, float] | None:
         """Session-run totals of `model` so far: compute seconds, runs, samples."""
-        text = self.metrics()
-        if text is None:
-            return None
-        seconds, runs = histogram_totals(text, COMPUTE, model)
-        samples, _ = histogram_totals(text, BATCH, model)
-        return {"compute_s": seconds, "runs": runs, "samples": samples}
+        return run_totals(self.metrics(), model)
 
     def check_alive(self) -> None:
         """CliError when the server this bench started has exited: no figure would mean much."""
@@ -99,6 +94,15 @@ class Target:
             "startup_s": started.startup_s if started else None,
             "log": str(started.log_path) if started else None,
         }
+
+
+def run_totals(text: str | None, model: str) -> dict[str, float] | None:
+    """Session-run totals of `model` in /metrics text: compute seconds, runs, samples."""
+    if text is None:
+        return None
+    seconds, runs = histogram_totals(text, COMPUTE, model)
+    samples, _ = histogram_totals(text, BATCH, model)
+    return {"compute_s": seconds, "runs": runs, "samples": samples}
 
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

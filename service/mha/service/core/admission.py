@@ -8,7 +8,8 @@ WINDOW_SECONDS of busy time, smoothed. So the expected wait of a new request is
 backlog / rate, and it is refused at once, before any decoding or queueing:
   - UNAVAILABLE (retryable) when the expected wait is over max_delay (--max-queue-delay-ms);
   - DEADLINE_EXCEEDED when the wait plus its own work cannot end before its deadline.
-Until the first window is measured nothing is refused (there is no estimate yet). The rate
+Until the first answer nothing is refused (there is no estimate yet); the first answer
+gives the first measure, later ones refine it. The rate
 includes everything between admission and answer (decoding, queueing, the session runs,
 batching), so it is what a client sees, on whatever device and load.
 """
@@ -24,6 +25,10 @@ from mha.service.core.errors import DeadlineExceeded, Unavailable
 WINDOW_SECONDS = 0.05  # busy time per rate measurement
 WINDOW_ANSWERS = 4  # and at least this many answers
 SMOOTHING = 0.3  # weight of the newest window
+
+
+def _subject(request_id: str) -> str:
+    return f"request {request_id!r}: " if request_id else ""
 
 
 class QueueDelay(Unavailable):
@@ -69,7 +74,7 @@ class Admission:
         wait = self.expected_wait()
         if self.max_delay_s > 0 and wait > self.max_delay_s:
             raise QueueDelay(
-                f"request {request_id!r}: expected queue time {wait * 1e3:.0f} ms is over the "
+                f"{_subject(request_id)}expected queue time {wait * 1e3:.0f} ms is over the "
                 f"limit of {self.max_delay_s * 1e3:.0f} ms ({self.requests} requests ahead); "
                 f"retry later or on another replica"
             )
@@ -78,7 +83,7 @@ class Admission:
             finish = wait + work / self.rate
             if now + finish > deadline:
                 raise DeadlineExceeded(
-                    f"request {request_id!r}: expected to finish in {finish * 1e3:.0f} ms "
+                    f"{_subject(request_id)}expected to finish in {finish * 1e3:.0f} ms "
                     f"({self.requests} requests ahead), after its deadline "
                     f"({max(0.0, deadline - now) * 1e3:.0f} ms left); refused before compute"
                 )
@@ -102,7 +107,10 @@ class Admission:
             busy += now - self._busy_since
         if self.backlog == 0:
             self._window_busy, self._busy_since = busy, None
-        if busy >= WINDOW_SECONDS and self._window_answers >= WINDOW_ANSWERS:
+        # The first answer gives the first measure at once: until then nothing is refused,
+        # and a burst arriving at a cold server would otherwise all be admitted.
+        first = self.rate is None and self._window_answers > 0 and busy > 0
+        if first or (busy >= WINDOW_SECONDS and self._window_answers >= WINDOW_ANSWERS):
             measured = self._window_work / busy
             self.rate = (
                 measured

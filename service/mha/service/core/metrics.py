@@ -25,7 +25,9 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 # Latency buckets from 100 us to 10 s: CPU requests take ~0.3-50 ms here, GPU less.
-_SECONDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+_SECONDS = (
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _FRACTION = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 _LABELS = ("model", "version")
@@ -41,8 +43,8 @@ class Metrics:
         )
         self.request_seconds = Histogram(
             "mha_request_duration_seconds",
-            "Request duration",
-            _LABELS,
+            "Request duration, from the handler's start to the answer or refusal",
+            [*_LABELS, "outcome"],
             buckets=_SECONDS,
             registry=r,
         )
@@ -80,7 +82,7 @@ class Metrics:
 
     def request_done(self, model: str, version: str, outcome: str, seconds: float) -> None:
         self.requests.labels(model, version, outcome).inc()
-        self.request_seconds.labels(model, version).observe(seconds)
+        self.request_seconds.labels(model, version, outcome).observe(seconds)
 
     def queued(self, model: str, version: str, seconds: float) -> None:
         self.queue_seconds.labels(model, version).observe(seconds)
