@@ -293,6 +293,7 @@ def test_startup_refuses_an_empty_token_file(repository, tmp_path):
         ({"tls_key_file": Path("k")}, "both --tls-cert-file and --tls-key-file"),
         ({"tls_client_ca_file": Path("ca")}, "needs TLS on"),
         ({"port": 9000, "health_port": 9000}, "never share a port"),
+        ({"metrics_port": 9002, "health_port": 9002}, "is the metrics port"),
     ],
 )
 def test_settings_refuse_contradictions(fields, problem):

@@ -77,6 +77,8 @@ class Settings:
                 f"health port {self.health_port} is the gRPC port: plaintext health and the "
                 f"inference service never share a port"
             )
+        if self.health_port is not None and self.health_port == self.metrics_port != 0:
+            raise ValueError(f"health port {self.health_port} is the metrics port")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("TLS needs both --tls-cert-file and --tls-key-file")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
