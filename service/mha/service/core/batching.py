@@ -58,7 +58,7 @@ import numpy as np
 from mha.service.core import padding
 from mha.service.core.errors import DeadlineExceeded, QueueFull, Unavailable
 from mha.service.core.metrics import Metrics
-from mha.service.core.scheduling import InferenceJob, JobResult, Runner
+from mha.service.core.scheduling import InferenceJob, JobResult, Runner, runs_inline
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class BatchingScheduler:
         if self._wake is not None:
             self._wake.set()
         if self._metrics is not None:
-            self._metrics.queue_depth.labels(*self._labels).set(len(self._queue))
+            self._metrics.child(self._metrics.queue_depth, *self._labels).set(len(self._queue))
 
     async def _loop(self) -> None:
         """Form batches while a run slot is free, until closed and drained."""
@@ -316,7 +316,10 @@ class BatchingScheduler:
         try:
             loop = asyncio.get_running_loop()
             jobs = [p.job for p in batch]
-            run = await loop.run_in_executor(self._executor, self._compute, jobs)
+            if runs_inline(self._runner):
+                run = self._compute(jobs)
+            else:
+                run = await loop.run_in_executor(self._executor, self._compute, jobs)
         except Exception as error:  # the runner's failure is every job's failure
             log.debug("batch of %d jobs failed: %r", len(batch), error)
             for pending in batch:

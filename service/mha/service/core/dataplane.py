@@ -308,7 +308,9 @@ class DataPlane:
     def _step_response(
         self, served: ServedModel, request: InferRequest, labels: tuple[str, str], result: JobResult
     ) -> InferResponse:
-        self.metrics.step_seconds.labels(*labels).observe(time.monotonic() - request.received)
+        self.metrics.child(self.metrics.step_seconds, *labels).observe(
+            time.monotonic() - request.received
+        )
         outputs = {contract.OUTPUT: result.outputs[contract.OUTPUT]}
         return self._response(served, request, labels, result, outputs)
 
@@ -316,11 +318,11 @@ class DataPlane:
         self, served: ServedModel, job: InferenceJob, request: InferRequest, labels: tuple[str, str]
     ) -> JobResult:
         """Submit to the model's scheduler; count it in flight, then as a success."""
-        self.metrics.inflight.labels(*labels).inc()
+        self.metrics.child(self.metrics.inflight, *labels).inc()
         try:
             result = await served.scheduler.submit(job)
         finally:
-            self.metrics.inflight.labels(*labels).dec()
+            self.metrics.child(self.metrics.inflight, *labels).dec()
         elapsed = time.monotonic() - request.received
         self._succeeded(labels, elapsed, result.queue_ns, result.compute_ns, job.batch_size)
         if log.isEnabledFor(logging.DEBUG):  # an access log line, off at the default INFO
