@@ -2,8 +2,9 @@
 
 A workload is a request shape: B samples of query length L, fixed ("1x128") or drawn
 uniformly from a range ("1x16-256", the length mix). A point is one measurement: a
-configuration (server with batching on/off, the no-compute floor, in-process ONNX Runtime,
-or an external server) under one workload at one concurrency or arrival rate.
+configuration (server with batching on/off, the no-compute floor, the bare echo server,
+in-process ONNX Runtime, or an external server) under one workload at one concurrency or
+arrival rate. A preset with Goals also says where its PASS/MISS targets apply.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.grpc import codec
 
 SERVER_CONFIGS = ("on", "off", "floor")  # the project's server, started by the bench
-CONFIGS = (*SERVER_CONFIGS, "inprocess", "external")
+STARTED_CONFIGS = (*SERVER_CONFIGS, "echo")  # echo: mha.bench.echo, the bare gRPC floor
+CONFIGS = (*STARTED_CONFIGS, "inprocess", "external")
 _WORKLOAD = re.compile(r"^(\d+)x(\d+)(?:-(\d+))?$")
 
 
@@ -75,6 +77,22 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class Goals:
+    """Where the PASS/MISS targets apply (report.goal_targets): shapes and client counts."""
+
+    floor_shapes: tuple[str, ...] = ("1x16", "1x128")  # --no-compute vs echo
+    server_shapes: tuple[str, ...] = ("1x16", "1x128", "8x128")  # batching on vs the bound
+    batching_shapes: tuple[str, ...] = ("1x16", "1x128", "8x128", "1x16-256")  # on vs off
+    bound_clients: int = 16  # the bound and the req/s targets are taken here
+    batching_clients: tuple[int, ...] = (16, 32)
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        every = (*self.floor_shapes, *self.server_shapes, *self.batching_shapes)
+        return tuple(dict.fromkeys(every))
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     workloads: tuple[str, ...]
@@ -83,19 +101,33 @@ class Preset:
     merges: tuple[int, ...] = ()  # in-process best-batch sweep (the batching bound)
     timing: Timing = field(default_factory=Timing)
     rates: tuple[float, ...] = ()  # open-loop points (served configurations only)
+    goals: Goals | None = None  # the PASS/MISS targets and the bound table
 
 
-LATENCY = Preset("latency", ("1x16", "1x128", "8x128"), (1, 4, 16))
+WITH_ECHO = ("on", "off", "floor", "echo", "inprocess")
+LATENCY = Preset("latency", ("1x16", "1x128", "8x128"), (1, 4, 16), configs=WITH_ECHO)
 BATCHING = Preset("batching", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
+# Every contender side by side where the targets are taken: 60 points of 3.5 s.
+TARGETS = Preset("targets", Goals().shapes, (1, 16, 32), configs=WITH_ECHO, goals=Goals())
 QUICK_TIMING = Timing(duration_s=0.4, warmup_s=0.1, sweep_duration_s=0.3)
-QUICK = (  # every configuration and code path, in seconds (the smoke test)
-    Preset("latency", ("1x16",), (1, 4), timing=QUICK_TIMING),
-    Preset("batching", ("1x8-32",), (4,), merges=(1, 4), timing=QUICK_TIMING),
+QUICK_GOALS = Goals(
+    floor_shapes=("1x16",),
+    server_shapes=("1x16",),
+    batching_shapes=("1x16", "1x8-32"),
+    bound_clients=4,
+    batching_clients=(4,),
 )
+QUICK = (  # every configuration and code path, in seconds (the smoke test)
+    Preset("latency", ("1x16",), (1, 4), configs=WITH_ECHO, timing=QUICK_TIMING),
+    Preset("batching", ("1x8-32",), (4,), merges=(1, 4), timing=QUICK_TIMING),
+    Preset("targets", QUICK_GOALS.shapes, (1, 4), configs=WITH_ECHO, timing=QUICK_TIMING,
+           goals=QUICK_GOALS),
+)  # fmt: skip
 PRESETS = {
     "latency": (LATENCY,),
     "batching": (BATCHING,),
-    "full": (LATENCY, BATCHING),
+    "targets": (TARGETS,),
+    "full": (LATENCY, BATCHING, TARGETS),  # the default: about 5.5 minutes
     "quick": QUICK,
 }
 

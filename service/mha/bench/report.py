@@ -2,8 +2,10 @@
 
 Points are plain dicts (what the JSON holds): config, workload, concurrency, rate, merge,
 rps, p50_ms, p90_ms, p99_ms, max_ms, requests, errors, and for served runs mean_batch and
-padding_fraction. Targets: end-to-end latency and throughput against the in-process baseline, and
-batching on vs off against the compute bound.
+padding_fraction. Targets: end-to-end latency and throughput against the in-process baseline,
+batching on vs off against the floor+compute bound, and (goal_targets, the PASS/MISS lines)
+--no-compute against the bare echo server, the full server against the bound
+1 / (1/echo + 1/in-process), and batching never below --no-batching.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mha.bench.plan import Goals
+from mha.tables import cell
 from mha.tables import markdown_table as table
 
 Row = dict[str, Any]
@@ -77,7 +81,7 @@ def latency_report(
     """Latency at c=1, throughput at c=1,4,16, and their targets vs in-process."""
     rows = []
     for w in workloads:
-        for config in ("on", "off", "floor", "inprocess", "external"):
+        for config in ("on", "off", "floor", "echo", "inprocess", "external"):
             one = find(points, config=config, workload=w, concurrency=1, merge=1)
             if one is not None:
                 rates = [_get(find(points, config=config, workload=w, concurrency=c, merge=1),
@@ -127,7 +131,7 @@ def batching_report(
         targets += [
             target(f"{w}: req/s on >= 1.0x off", on_rps, off_rps, True),
             target(f"{w}: p99 on <= 1.1x p99 off", on_p99, 1.1 * off_p99, False),
-            target(f"{w}: best server >= 90% of bound", best, 0.9 * bound, True),
+            target(f"{w}: best server >= 90% of floor+compute bound", best, 0.9 * bound, True),
         ]
         if "-" in w:  # the length mix
             pad = _get(on, "padding_fraction")
@@ -144,7 +148,7 @@ def batching_report(
         "floor req/s",
         "in-proc req/s",
         "in-proc best",
-        "bound",
+        "floor+compute bound",
         "best/bound",
     ]
     return table(headers, rows), targets
@@ -164,6 +168,162 @@ def servers_table(servers: dict[str, Row]) -> tuple[str, list[Row]]:
     headers = ["server", "start to SERVING s", "VmRSS MB when ready", "VmRSS MB after run",
                "model"]  # fmt: skip
     return table(headers, rows), targets
+
+
+# The targets against the echo server and the bound (plan.Goals says where they apply).
+FLOOR_SHARE = 0.95  # --no-compute req/s >= this share of the echo's, at bound_clients
+FLOOR_P50_MS = 0.1  # --no-compute p50 at one client <= the echo's + this
+BOUND_SHARE = 0.90  # the full server's req/s >= this share of the bound, at bound_clients
+SERVER_P50_MS = 0.15  # its p50 at one client <= the echo's + in-process p50 + this
+
+
+def bound(echo_rps: float, inprocess_rps: float) -> float:
+    """1 / (1/echo + 1/in-process): a server that pays the echo's gRPC cost and then the
+    compute, one after the other, per request. NaN if either is missing or not positive."""
+    if not (echo_rps > 0 and inprocess_rps > 0):  # NaN fails both comparisons
+        return math.nan
+    return 1 / (1 / echo_rps + 1 / inprocess_rps)
+
+
+def closed(points: Sequence[Row], config: str, workload: str, clients: int) -> Row | None:
+    """The closed-loop point of a configuration (single requests, no open-loop rate)."""
+    return find(points, config=config, workload=workload, concurrency=clients, merge=1, rate=0)
+
+
+def _figure(points: Sequence[Row], config: str, w: str, clients: int, key: str) -> float:
+    return _get(closed(points, config, w, clients), key)
+
+
+def shape_bound(points: Sequence[Row], workload: str, clients: int) -> float:
+    """The bound of one shape, from the echo's and in-process req/s at `clients`."""
+    return bound(
+        _figure(points, "echo", workload, clients, "rps"),
+        _figure(points, "inprocess", workload, clients, "rps"),
+    )
+
+
+def _shape(workload: str) -> str:
+    return "(" + workload.replace("x", ",", 1) + ")"  # 1x16-256 -> (1,16-256)
+
+
+def floor_targets(points: Sequence[Row], workload: str, clients: int) -> list[Row]:
+    """--no-compute vs echo: req/s at `clients`, p50 at one client."""
+    rps, echo_rps = (_figure(points, c, workload, clients, "rps") for c in ("floor", "echo"))
+    p50, echo_p50 = (_figure(points, c, workload, 1, "p50_ms") for c in ("floor", "echo"))
+    w = _shape(workload)
+    return [
+        target(f"no-compute {w} req/s c={clients} >= {FLOOR_SHARE:.0%} of echo", rps,
+               FLOOR_SHARE * echo_rps, True),
+        target(f"no-compute {w} p50 ms c=1 <= echo + {FLOOR_P50_MS:g} ms", p50,
+               echo_p50 + FLOOR_P50_MS, False),
+    ]  # fmt: skip
+
+
+def server_targets(points: Sequence[Row], workload: str, clients: int) -> list[Row]:
+    """The full server (batching on) vs the bound at `clients`, and its p50 at one client."""
+    rps, p50 = (
+        _figure(points, "on", workload, clients, "rps"),
+        _figure(points, "on", workload, 1, "p50_ms"),
+    )
+    floor_p50 = sum(_figure(points, c, workload, 1, "p50_ms") for c in ("echo", "inprocess"))
+    w = _shape(workload)
+    return [
+        target(f"server {w} req/s c={clients} >= {BOUND_SHARE:.0%} of bound", rps,
+               BOUND_SHARE * shape_bound(points, workload, clients), True),
+        target(f"server {w} p50 ms c=1 <= echo + in-process + {SERVER_P50_MS:g} ms", p50,
+               floor_p50 + SERVER_P50_MS, False),
+    ]  # fmt: skip
+
+
+def batching_targets(points: Sequence[Row], workload: str, clients: int) -> list[Row]:
+    """Batching on never below --no-batching: req/s and p99 at `clients`."""
+    on, off = closed(points, "on", workload, clients), closed(points, "off", workload, clients)
+    w = _shape(workload)
+    return [
+        target(f"batching {w} req/s c={clients} on >= off", _get(on, "rps"), _get(off, "rps"),
+               True),
+        target(f"batching {w} p99 ms c={clients} on <= off", _get(on, "p99_ms"),
+               _get(off, "p99_ms"), False),
+    ]  # fmt: skip
+
+
+def goal_targets(points: Sequence[Row], goals: Goals) -> list[Row]:
+    """Every PASS/MISS target of the goals, in the order they are printed."""
+    found = [t for w in goals.floor_shapes for t in floor_targets(points, w, goals.bound_clients)]
+    found += [
+        t for w in goals.server_shapes for t in server_targets(points, w, goals.bound_clients)
+    ]
+    for w in goals.batching_shapes:
+        found += [t for c in goals.batching_clients for t in batching_targets(points, w, c)]
+    return found
+
+
+CONTENDERS = ("echo", "inprocess", "floor", "on", "off", "external")
+OF_ECHO, OF_BOUND = {"floor", "on", "off", "external"}, {"on", "off", "external"}
+
+
+def _share(value: float, whole: float) -> str:
+    """value / whole as a percentage; "-" when either is missing."""
+    ratio = value / whole if whole > 0 else math.nan
+    return "-" if math.isnan(ratio) else f"{ratio:.0%}"
+
+
+def _bound_rows(points: Sequence[Row], w: str, clients: int) -> list[list[Any]]:
+    echo_rps, echo_p50 = (
+        _figure(points, "echo", w, clients, "rps"),
+        _figure(points, "echo", w, 1, "p50_ms"),
+    )
+    limit = shape_bound(points, w, clients)
+    rows = []
+    for config in CONTENDERS:
+        if closed(points, config, w, clients) is None and closed(points, config, w, 1) is None:
+            continue
+        rps, p50 = (
+            _figure(points, config, w, clients, "rps"),
+            _figure(points, config, w, 1, "p50_ms"),
+        )
+        rows.append([w, config, rps, _share(rps, echo_rps) if config in OF_ECHO else "",
+                     _share(rps, limit) if config in OF_BOUND else "", p50,
+                     p50 - echo_p50 if config in OF_ECHO else ""])  # fmt: skip
+        if config == "inprocess":  # the bound beside its two terms
+            rows.append([w, "bound", limit, _share(limit, echo_rps), "", echo_p50 + p50, ""])
+    return rows
+
+
+def bound_table(points: Sequence[Row], workloads: Sequence[str], clients: int) -> str:
+    """Per shape: req/s at `clients` as a share of the echo's and of the bound, p50 at c=1.
+
+    The "bound" row: req/s the bound, p50 the echo's plus in-process.
+    """
+    headers = ["(B,L)", "config", f"req/s c={clients}", "% of echo", "% of bound",
+               "p50 ms c=1", "p50 - echo p50 ms"]  # fmt: skip
+    return table(headers, [r for w in workloads for r in _bound_rows(points, w, clients)])
+
+
+def bounds(points: Sequence[Row], workloads: Sequence[str], clients: int) -> dict[str, Row]:
+    """The JSON record of the bound per shape: its inputs and its value."""
+    return {
+        w: {
+            "clients": clients,
+            "echo_rps": _figure(points, "echo", w, clients, "rps"),
+            "inprocess_rps": _figure(points, "inprocess", w, clients, "rps"),
+            "bound_rps": shape_bound(points, w, clients),
+        }
+        for w in workloads
+    }
+
+
+def pass_miss(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def target_lines(targets: Sequence[Row]) -> str:
+    """One line per target: PASS/MISS/n/a, its name, the measured value and the bound."""
+    return "\n".join(
+        f"{pass_miss(t['ok']):<4}  {t['target']}: measured {cell(t['value'])}, "
+        f"bound {cell(t['bound'])}"
+        for t in targets
+    )
 
 
 def targets_table(targets: Sequence[Row]) -> str:

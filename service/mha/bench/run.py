@@ -1,4 +1,8 @@
-"""Run a benchmark plan: one server per configuration, each point in turn, progress on stderr."""
+"""Run a benchmark plan: one server per configuration, each point in turn, progress on stderr.
+
+Configurations run one after the other in the plan's order (one server up at a time, so
+no idle server shares the cores); a point is not alternated between contenders.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ from typing import Any
 
 from mha.bench.inprocess import batches, make_session, run_inprocess
 from mha.bench.loadgen import LoadResult, LoadSpec, run_load
-from mha.bench.plan import SERVER_CONFIGS, Point, Pool, Timing, build_pool
-from mha.bench.servers import ServerProcess, histogram_totals, start_server
+from mha.bench.plan import STARTED_CONFIGS, Point, Pool, Timing, build_pool
+from mha.bench.servers import ServerProcess, histogram_totals, start_echo, start_server
 from mha.client import Client, ClientError
 from mha.proto import grpc_predict_v2_pb2 as pb
 
@@ -95,22 +99,13 @@ class PlanRunner:
         progress: Progress,
         servers: dict[str, dict],
     ) -> list[dict]:
-        assert config in SERVER_CONFIGS and self.local is not None
-        extra = list(self.args.server_arg)
-        if config == "on" and self.args.max_batch_delay_us is not None:
-            extra += ["--max-batch-delay-us", str(self.args.max_batch_delay_us)]
+        assert config in STARTED_CONFIGS and self.local is not None
         log_dir = Path(tempfile.mkdtemp(prefix="mha-bench-"))
-        print(f"starting mha serve ({config}) ...", file=sys.stderr, flush=True)
-        server = start_server(
-            self.local.parent.parent,
-            config,
-            threads=self.args.threads,
-            extra=extra,
-            log_dir=log_dir,
-        )
+        server = self._start(config, log_dir)
         try:
             idle_mb = server.rss_mb()
-            results = [self._served(server.url, p, t, progress, server) for p, t in todo]
+            counted = config != "echo"  # the echo keeps no statistics and has no /metrics
+            results = [self._served(server.url, p, t, progress, server, counted) for p, t in todo]
             servers[config] = {
                 "startup_s": server.startup_s,
                 "rss_mb": server.rss_mb(),
@@ -123,6 +118,23 @@ class PlanRunner:
             server.stop()
         return results
 
+    def _start(self, config: str, log_dir: Path) -> ServerProcess:
+        assert self.local is not None
+        if config == "echo":
+            print("starting the echo server ...", file=sys.stderr, flush=True)
+            return start_echo(self.local, log_dir=log_dir)
+        extra = list(self.args.server_arg)
+        if config == "on" and self.args.max_batch_delay_us is not None:
+            extra += ["--max-batch-delay-us", str(self.args.max_batch_delay_us)]
+        print(f"starting mha serve ({config}) ...", file=sys.stderr, flush=True)
+        return start_server(
+            self.local.parent.parent,
+            config,
+            threads=self.args.threads,
+            extra=extra,
+            log_dir=log_dir,
+        )
+
     def _served(
         self,
         url: str,
@@ -130,6 +142,7 @@ class PlanRunner:
         timing: Timing,
         progress: Progress,
         server: ServerProcess | None,
+        counters: bool = True,
     ) -> dict:
         spec = LoadSpec(
             url,
@@ -142,11 +155,11 @@ class PlanRunner:
             seed=self.args.seed,
             processes=self.args.client_procs,
         )
-        before = self._counters(url, server)
+        before = self._counters(url, server) if counters else {}
         progress.begin(point.label, timing.warmup_s + timing.duration_s)
         result = run_load(spec, on_progress=progress.update)
         record = self._record(point, result)
-        after = self._counters(url, server)
+        after = self._counters(url, server) if counters else {}
         record.update(counter_deltas(before, after))
         progress.end(_summary(record))
         return record

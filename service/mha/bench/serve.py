@@ -1,11 +1,13 @@
 """`mha bench serve`: load-test an Open Inference Protocol server, and this one against its bounds.
 
 By default it starts the project's own server (`mha serve` on loopback, port 0) with
-batching on, batching off and in the no-compute floor mode, and runs the in-process ONNX
-Runtime baseline on the same model file and request mix; --url measures an external
-server instead. Writes bench.json and bench.png to --out and prints the latency and
-batching tables with their targets. Figures, not a test: the machine may
-be shared, so the JSON records the load average before and after.
+batching on, batching off and in the no-compute floor mode, and the bare echo server
+(mha.bench.echo, the floor of any Python gRPC server), and runs the in-process ONNX Runtime
+baseline on the same model file and request mix; --url measures an external server
+instead. The contenders run one after the other, each over all its points (no
+alternation per point). Writes bench.json and bench.png to --out, prints the latency,
+batching and bound tables, then every target as a PASS/MISS line. Figures, not a test:
+the machine may be shared, so the JSON records the load average before and after.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from mha.bench import arguments, report
 from mha.bench.plan import (
     CONFIGS,
     PRESETS,
-    SERVER_CONFIGS,
+    STARTED_CONFIGS,
     Point,
     Preset,
     Timing,
@@ -55,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="full",
-        help="latency, batching, full (both), quick (seconds; for tests)",
+        help="latency, batching, targets (every contender where the targets are taken), "
+        "full (all three, about 5.5 minutes), quick (seconds; for tests)",
     )
     what.add_argument(
         "--quick", action="store_const", const="quick", dest="preset", help="= --preset quick"
@@ -90,7 +93,7 @@ def presets(args: argparse.Namespace) -> tuple[Preset, ...]:
             raise CliError(str(err)) from None
         if any(c < 1 for c in concurrency) or any(r <= 0 for r in rates):
             raise CliError("--concurrency and --rate values must be positive")
-        chosen = (Preset("custom", workloads, concurrency, rates=rates),)
+        chosen = (Preset("custom", workloads, concurrency, configs=CONFIGS, rates=rates),)
     timing = {
         k: v for k, v in (("duration_s", args.duration), ("warmup_s", args.warmup)) if v is not None
     }
@@ -110,8 +113,8 @@ def configs(args: argparse.Namespace, has_model_file: bool) -> tuple[str, ...]:
     elif args.url:
         wanted = ("external", "inprocess") if has_model_file else ("external",)
     else:
-        wanted = ("on", "off", "floor", "inprocess")
-    if args.url and any(c in SERVER_CONFIGS for c in wanted):
+        wanted = ("on", "off", "floor", "echo", "inprocess")
+    if args.url and any(c in STARTED_CONFIGS for c in wanted):
         raise CliError("--url measures an external server: --configs may be external, inprocess")
     if "inprocess" in wanted and not has_model_file:
         raise CliError(f"in-process baseline needs {args.repository}/{args.model}/<version>/")
@@ -194,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[dict]:
-    """Print every table; return the target checks."""
+    """Print every table, then the targets as PASS/MISS lines; return the targets."""
     points, targets = document["points"], []
     load = document["machine"]
     print(
@@ -216,8 +219,20 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
         text, found = report.servers_table(document["servers"])
         print("\nserving process\n" + text)
         targets += found
+    goals = next((p.goals for p in chosen if p.goals is not None), None)
+    if goals is not None:
+        clients = goals.bound_clients
+        print(
+            f"\nagainst the echo server and the bound 1 / (1/echo + 1/in-process), req/s at "
+            f"{clients} clients, p50 at 1\n" + report.bound_table(points, goals.shapes, clients)
+        )
+        document["bounds"] = report.bounds(points, goals.shapes, clients)
+        targets += report.goal_targets(points, goals)
+    for t in targets:
+        t["verdict"] = report.pass_miss(t["ok"])
     if targets:
-        print("\ntargets\n" + report.targets_table(targets))
+        print(report.load_heading("targets", load))
+        print(report.target_lines(targets))
     return targets
 
 

@@ -1,8 +1,9 @@
-"""The project's server as a subprocess for the benchmark: start, time to SERVING, memory, stop.
+"""Servers as subprocesses for the benchmark: start, time to ready, memory, stop.
 
 `mha serve` binds port 0 and writes the port it got to --port-file; the time to SERVING is
 measured from process start to the first grpc.health.v1 SERVING answer for service "".
-The metrics port is picked here (a free port) so the bench can scrape /metrics.
+Its metrics port is bound the same way (port 0, a file) so the bench can scrape /metrics.
+The echo contender (mha.bench.echo) binds port 0 too and is ready at its first ServerReady.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +49,7 @@ def mha_command() -> list[str]:
 class ServerProcess:
     process: subprocess.Popen
     url: str
-    metrics_port: int
+    metrics_port: int  # 0: no metrics endpoint (the echo)
     startup_s: float
     log_path: Path
     flags: list[str] = field(default_factory=list)
@@ -114,34 +116,72 @@ def start_server(
         str(metrics_port_file),
         *flags,
     ]
-    log_path = log_dir / f"server-{config}.log"
+    process, url, startup, log_path = _launch(
+        "mha serve", command, port_file, log_dir / f"server-{config}.log", timeout_s, _serving
+    )
+    metrics_port = int(metrics_port_file.read_text())  # written before the gRPC port file
+    return ServerProcess(process, url, metrics_port, startup, log_path, flags)
+
+
+def start_echo(version_dir: Path, *, log_dir: Path, timeout_s: float = 60.0) -> ServerProcess:
+    """Start the echo contender (mha.bench.echo) on loopback; wait until ServerReady.
+
+    It has no metrics endpoint (metrics_port 0) and no ModelStatistics.
+    """
+    port_file = Path(tempfile.mkdtemp(dir=log_dir)) / "port"
+    command = [sys.executable, "-m", "mha.bench.echo", "--model-dir", str(version_dir),
+               "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]  # fmt: skip
+    process, url, startup, log_path = _launch(
+        "echo", command, port_file, log_dir / "server-echo.log", timeout_s, Client.ready
+    )
+    return ServerProcess(process, url, 0, startup, log_path, ["echo"])
+
+
+def _serving(client: Client) -> bool:
+    return client.health("") == "SERVING"
+
+
+def _launch(
+    name: str,
+    command: list[str],
+    port_file: Path,
+    log_path: Path,
+    timeout_s: float,
+    is_ready: Callable[[Client], bool],
+) -> tuple[subprocess.Popen, str, float, Path]:
+    """Start a server process; return it, its URL and its seconds from start to ready."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log:
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        url = _wait_serving(process, port_file, started + timeout_s, log_path)
+        url = _wait_ready(name, process, port_file, started + timeout_s, log_path, is_ready)
     except BaseException:
         ServerProcess(process, "", 0, 0.0, log_path).stop(timeout=5)
         raise
-    startup = time.perf_counter() - started
-    metrics_port = int(metrics_port_file.read_text())  # written before the gRPC port file
-    return ServerProcess(process, url, metrics_port, startup, log_path, flags)
+    return process, url, time.perf_counter() - started, log_path
 
 
-def _wait_serving(process: subprocess.Popen, port_file: Path, deadline: float, log: Path) -> str:
+def _wait_ready(
+    name: str,
+    process: subprocess.Popen,
+    port_file: Path,
+    deadline: float,
+    log: Path,
+    is_ready: Callable[[Client], bool],
+) -> str:
     url = ""
     while time.perf_counter() < deadline:
         if process.poll() is not None:
-            raise ServerFailed(f"mha serve exited with {process.returncode}:\n{log_tail(log)}")
+            raise ServerFailed(f"{name} exited with {process.returncode}:\n{log_tail(log)}")
         if not url and port_file.exists() and port_file.read_text().strip():
             url = f"127.0.0.1:{int(port_file.read_text().strip())}"
         if url:
             with contextlib.suppress(ClientError), Client(url, timeout=1.0) as client:
-                if client.health("") == "SERVING":
+                if is_ready(client):
                     return url
         time.sleep(0.005)
-    raise ServerFailed(f"mha serve not SERVING in time:\n{log_tail(log)}")
+    raise ServerFailed(f"{name} not ready in time:\n{log_tail(log)}")
 
 
 def histogram_totals(text: str, name: str, model: str) -> tuple[float, float]:
