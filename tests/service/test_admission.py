@@ -108,7 +108,8 @@ def test_a_server_refuses_at_once_while_its_backlog_is_too_long(repository: Path
         return run
 
     # 0.001 ms: any backlog at the measured rate is over the limit.
-    settings = settings_for(repository, max_queue_delay_ms=0.001)
+    # The held run must be in the executor, so the loop answers meanwhile: no inline runs.
+    settings = settings_for(repository, max_queue_delay_ms=0.001, inline_runs_under_us=0)
     server = RunningServer(settings, wrap_runner=wrap).load()
     try:
         request = codec.infer_request("self", random_inputs("self"))

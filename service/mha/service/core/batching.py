@@ -58,7 +58,7 @@ import numpy as np
 from mha.service.core import padding
 from mha.service.core.errors import DeadlineExceeded, QueueFull, Unavailable
 from mha.service.core.metrics import Metrics
-from mha.service.core.scheduling import InferenceJob, JobResult, Runner, runs_inline
+from mha.service.core.scheduling import InferenceJob, JobResult, Runner, RunPlace, elements
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,10 @@ class BatchingScheduler:
         labels: tuple[str, str] = ("", ""),
         executor: Executor | None = None,
         runs: RunShaper | None = None,
+        inline_under_s: float = 0.0,
     ) -> None:
         self._runner = runner
+        self._place = RunPlace(runner, inline_under_s)
         self._options = options
         self._self_attention = self_attention
         self._runs: RunShaper = runs or padding.AttentionRuns(self_attention)
@@ -316,10 +318,12 @@ class BatchingScheduler:
         try:
             loop = asyncio.get_running_loop()
             jobs = [p.job for p in batch]
-            if runs_inline(self._runner):
+            work = elements(jobs)
+            if self._place.inline(work):
                 run = self._compute(jobs)
             else:
                 run = await loop.run_in_executor(self._executor, self._compute, jobs)
+            self._place.ran(run.end - run.start, work)
         except Exception as error:  # the runner's failure is every job's failure
             log.debug("batch of %d jobs failed: %r", len(batch), error)
             for pending in batch:

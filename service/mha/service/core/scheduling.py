@@ -63,6 +63,45 @@ def runs_inline(runner: Runner) -> bool:
     return bool(getattr(runner, "inline", False))
 
 
+def elements(jobs: Sequence[InferenceJob]) -> int:
+    """Input elements of the jobs: the work a run of them does (RunPlace's unit)."""
+    return sum(a.size for job in jobs for a in job.inputs.values())
+
+
+class RunPlace:
+    """Where one model's session runs go: the event loop or the executor.
+
+    A thread hop to the executor and back costs ~50-100 us here (a queue put, a wakeup, a
+    future and the loop's self-pipe), and every executor thread grows its own malloc arena.
+    A run expected to take under `inline_under_s` (its input elements at the model's
+    measured seconds per element) runs on the event loop itself, which waits for it (ONNX
+    Runtime's intra-op threads still spread it over the cores); a longer one goes to the
+    executor, so the loop keeps answering meanwhile (health probes included). Until a run
+    is measured, runs go to the executor. A runner marked `inline` (the --no-compute zeros)
+    always runs on the loop.
+    """
+
+    SMOOTHING = 0.1
+
+    def __init__(self, runner: Runner, inline_under_s: float = 0.0) -> None:
+        self.forced = runs_inline(runner)
+        self.inline_under_s = inline_under_s
+        self.seconds_per_element: float | None = None
+
+    def inline(self, work: int) -> bool:
+        if self.forced:
+            return True
+        rate = self.seconds_per_element
+        return rate is not None and rate * work < self.inline_under_s
+
+    def ran(self, seconds: float, work: int) -> None:
+        measured = seconds / max(work, 1)
+        previous = self.seconds_per_element
+        self.seconds_per_element = (
+            measured if previous is None else previous + self.SMOOTHING * (measured - previous)
+        )
+
+
 class Scheduler(Protocol):
     async def submit(self, job: InferenceJob) -> JobResult: ...
 
@@ -83,11 +122,13 @@ class DirectScheduler:
         *,
         metrics: Metrics | None = None,
         labels: tuple[str, str] = ("", ""),
+        inline_under_s: float = 0.0,
     ) -> None:
         self._runner = runner
         self._executor = executor
         self._metrics = metrics
         self._labels = labels
+        self._place = RunPlace(runner, inline_under_s)
 
     async def submit(self, job: InferenceJob) -> JobResult:
         if job.expired():
@@ -95,7 +136,8 @@ class DirectScheduler:
                 f"request {job.request_id!r}: deadline passed before compute started"
             )
         start = time.monotonic()
-        if runs_inline(self._runner):
+        work = elements((job,))
+        if self._place.inline(work):
             outputs = self._runner(job.inputs, job.outputs)
         else:
             loop = asyncio.get_running_loop()
@@ -103,6 +145,7 @@ class DirectScheduler:
                 self._executor, self._runner, job.inputs, job.outputs
             )
         end = time.monotonic()
+        self._place.ran(end - start, work)
         if self._metrics is not None:
             self._metrics.batch_run(*self._labels, end - start, job.batch_size, 0.0)
         return JobResult(

@@ -54,6 +54,7 @@ class Settings:
     max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
     max_concurrent_rpcs: int = 1024  # calls in progress at once, streams included (0 = no limit)
     max_concurrent_streams: int = 0  # HTTP/2 streams per connection (0 = gRPC's: unlimited)
+    inline_runs_under_us: float | None = None  # None: by device (models.inline_for)
     tls_cert_file: Path | None = None  # TLS on the gRPC port (with tls_key_file)
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None  # mTLS: client certificates required, verified
@@ -107,6 +108,7 @@ class Settings:
             "max_batch_delay_us": self.max_batch_delay_us,
             "sequence_idle_seconds": self.sequence_idle_seconds,
             "max_queue_delay_ms": self.max_queue_delay_ms,
+            "inline_runs_under_us": self.inline_runs_under_us or 0.0,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
             "max_concurrent_streams": self.max_concurrent_streams,
         }
@@ -196,6 +198,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("max_concurrent_streams", "MHA_MAX_CONCURRENT_STREAMS", int,
          "HTTP/2 streams open at once per connection: bounds what one client can make the "
          "server buffer (0 = unlimited)"),
+    Spec("inline_runs_under_us", "MHA_INLINE_RUNS_UNDER_US", float,
+         "a session run expected to take under this many us runs on the event loop, "
+         "saving the thread hop (0 = always the executor; default 20000 on CPU, 0 on CUDA)"),
     Spec("tls_cert_file", "MHA_TLS_CERT_FILE", Path,
          "TLS: the server's certificate chain, PEM (reloaded when the file changes)"),
     Spec("tls_key_file", "MHA_TLS_KEY_FILE", Path, "TLS: the server's private key, PEM"),
