@@ -77,7 +77,10 @@ def test_batched_steps_equal_each_step_alone(step_session, plan, seed) -> None:
         query = rng.standard_normal((1, new, E)).astype(np.float32)
         jobs.append(InferenceJob(f"s{i}", step_inputs(query, keys, values), STEP_OUTPUTS))
     runner = CountingRunner(run(step_session))
-    options = BatchingOptions(max_batch_size=32, policy="fifo", max_padding_fraction=1.0)
+    # A delay: the first job waits for company instead of running alone at once.
+    options = BatchingOptions(
+        max_batch_size=32, policy="fifo", max_padding_fraction=1.0, max_queue_delay_us=1000
+    )
     scheduler = BatchingScheduler(runner, options, self_attention=True, runs=StepRuns())
 
     async def all_at_once() -> list:
@@ -139,7 +142,10 @@ def test_batched_memory_steps_equal_each_step_alone(memory_step_session, plan, s
         inputs = memory_step_inputs(query, *memory, mask)
         jobs.append(InferenceJob(f"m{i}", inputs, MEMORY_OUTPUTS))
     runner = CountingRunner(run(memory_step_session))
-    options = BatchingOptions(max_batch_size=32, policy="fifo", max_padding_fraction=1.0)
+    # A delay: the first job waits for company instead of running alone at once.
+    options = BatchingOptions(
+        max_batch_size=32, policy="fifo", max_padding_fraction=1.0, max_queue_delay_us=1000
+    )
     scheduler = BatchingScheduler(runner, options, self_attention=True, runs=MemoryRuns())
 
     async def all_at_once() -> list:

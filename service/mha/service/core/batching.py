@@ -1,7 +1,9 @@
 """Dynamic batching for attention models: many small ragged requests, one session run.
 
-One BatchingScheduler serves one model version. submit() puts the job in a bounded queue
-and awaits its answer; a background task (started by the first submit) forms a batch from
+One BatchingScheduler serves one model version. A job that finds the queue empty and a run
+slot free (and no batch delay configured) runs at once, alone, without the queue's hops: at
+low load batching costs nothing. Otherwise submit() puts the job in a bounded queue and
+awaits its answer; a background task (started by the first submit) forms a batch from
 the oldest job plus compatible company that arrives within max_queue_delay_us, merges it
 (mha.service.core.padding: right padding + key_padding_mask), runs the Runner once in the
 executor, and hands each job exactly its own rows.
@@ -193,6 +195,8 @@ class BatchingScheduler:
                 f"request {job.request_id!r}: deadline passed before it was queued"
             )
         self._start()
+        if self._can_run_alone():
+            return await self._run_alone(job)
         loop = asyncio.get_running_loop()
         pending = _Pending(
             job,
@@ -210,6 +214,45 @@ class BatchingScheduler:
             # Cancelled (client gone) or timed out while still queued: leave the queue.
             if self._queue.pop(seq, None) is not None:
                 self._queue_changed()
+
+    def _can_run_alone(self) -> bool:
+        """Nothing queued, a run slot free, no delay to wait for company: the job runs at
+        once, without the queue's hops (three task switches and an event). Batches still form
+        under load: whatever arrives while a run holds the slot queues for the next run."""
+        slots = self._slots
+        return (
+            not self._queue
+            and self._options.max_queue_delay_us == 0
+            and slots is not None
+            and not slots.locked()
+        )
+
+    async def _run_alone(self, job: InferenceJob) -> JobResult:
+        slots = self._slots
+        assert slots is not None
+        await slots.acquire()  # free (checked): returns at once
+        work = elements((job,))
+        if self._place.inline(work):
+            try:
+                run = self._compute((job,))
+            finally:
+                slots.release()
+        else:
+            pending = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._compute, (job,)
+            )
+            # The slot is held until the run ends, even if the client goes away meanwhile.
+            pending.add_done_callback(lambda _: slots.release())
+            run = await asyncio.shield(pending)
+        self._place.ran(run.end - run.start, work)
+        if self._metrics is not None:
+            self._metrics.batch_run(*self._labels, run.end - run.start, job.batch_size, 0.0)
+        return JobResult(
+            outputs=run.answers[0],
+            queue_ns=int((run.start - job.enqueued) * 1e9),
+            compute_ns=int((run.end - run.start) * 1e9),
+            batch_size=job.batch_size,
+        )
 
     async def _await(self, seq: int, pending: _Pending) -> JobResult:
         """The job's result; DeadlineExceeded if its deadline passes while still queued."""
@@ -231,6 +274,9 @@ class BatchingScheduler:
         await asyncio.gather(self._worker, return_exceptions=True)  # _log_death logged it
         while self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
+        assert self._slots is not None
+        for _ in range(self._options.max_in_flight):  # runs of jobs that ran alone
+            await self._slots.acquire()
 
     def _start(self) -> None:
         """Start the background task in the running loop, once (again if it died)."""
@@ -248,14 +294,22 @@ class BatchingScheduler:
             self._metrics.child(self._metrics.queue_depth, *self._labels).set(len(self._queue))
 
     async def _loop(self) -> None:
-        """Form batches while a run slot is free, until closed and drained."""
-        assert self._slots is not None
+        """Form batches while a run slot is free, until closed and drained.
+
+        It waits for queued work without holding a slot (so a lone job can run alone),
+        then takes a slot and forms the batch from everything queued by then."""
+        assert self._slots is not None and self._wake is not None
         while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
             await self._slots.acquire()
             batch = await self._next_batch()
             if not batch:
                 self._slots.release()
-                return
+                continue
             task = asyncio.get_running_loop().create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
@@ -266,11 +320,7 @@ class BatchingScheduler:
         while True:
             self._drop_expired()
             if not self._queue:
-                if self._closing:
-                    return []
-                self._wake.clear()
-                await self._wake.wait()
-                continue
+                return []
             oldest = next(iter(self._queue.values()))
             ready_at = oldest.arrived + self._options.max_queue_delay_us * 1e-6
             company = self._compatible(oldest)

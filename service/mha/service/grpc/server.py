@@ -145,6 +145,11 @@ class Server:
         if settings.auth_token_file is not None:
             security_note += "; bearer tokens required"
         log.info("gRPC listening on %s:%d (%s)", settings.host, self.port, security_note)
+        if settings.auth_token_file is not None and credentials is None:
+            log.warning(
+                "bearer tokens over plaintext: anyone on the path can read them; use "
+                "--tls-cert-file/--tls-key-file unless a mesh encrypts the connection"
+            )
         if settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(settings.host, settings.metrics_port)
             log.info("metrics on http://%s:%d/metrics", settings.host, self.metrics_port)
