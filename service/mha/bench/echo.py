@@ -17,6 +17,11 @@ with B*L and with the digits of B and L. Two shapes of equal B*L that shared a l
 get answers of the same size, so the floor's cost would stay honest; only the shape field
 would be the first one's.
 
+With --protobuf the echo does per call what any Python server that reads the request must:
+it parses the request (ModelInferRequest.FromString) and builds and serializes a fresh
+response around prebuilt zero bytes. That is the floor of a Python OIP server that uses the
+protobuf messages, and the breakdown in docs/performance.md measures it beside the bare one.
+
 ServerLive, ServerReady, ModelReady and ModelMetadata answer too (from the model's mha.json),
 so clients set up as they do against `mha serve`.
 
@@ -98,12 +103,32 @@ def _constant(answer: bytes) -> Handler:
     return behavior
 
 
-def handler(metadata: pb.ModelMetadataResponse) -> grpc.GenericRpcHandler:
+def protobuf_answer(answers: Answers, zeros: dict[int, bytes], request: bytes) -> bytes:
+    """--protobuf: parse the request, build and serialize a new response (zeros prebuilt)."""
+    message = pb.ModelInferRequest.FromString(request)
+    query = message.inputs[0]
+    batch, length, width = query.shape
+    size = batch * length * width * contract.DTYPES[answers.datatype].itemsize
+    raw = zeros.get(size)
+    if raw is None:
+        raw = zeros[size] = bytes(size)
+    response = pb.ModelInferResponse(
+        model_name=answers.name, model_version=answers.version, id=message.id
+    )
+    response.outputs.add(name=contract.OUTPUT, datatype=answers.datatype, shape=query.shape)
+    response.raw_output_contents.append(raw)
+    return response.SerializeToString()
+
+
+def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.GenericRpcHandler:
     """The service's methods, every one on raw bytes."""
     answers = Answers(metadata)
+    zeros: dict[int, bytes] = {}
 
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
+            if protobuf:
+                return protobuf_answer(answers, zeros, request)
             return answers.answer(request)
         except (DecodeError, ValueError, KeyError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"echo: {err}")
@@ -130,7 +155,9 @@ def handler(metadata: pb.ModelMetadataResponse) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, methods)
 
 
-async def serve(version_dir: Path, host: str, port: int, port_file: Path | None) -> None:
+async def serve(
+    version_dir: Path, host: str, port: int, port_file: Path | None, protobuf: bool = False
+) -> None:
     """Serve until SIGTERM/SIGINT; write the bound port to port_file once listening."""
     settings = Settings()
     server = grpc.aio.server(
@@ -141,7 +168,7 @@ async def serve(version_dir: Path, host: str, port: int, port_file: Path | None)
     # Named as `mha serve` names it: by its folders in the repository (MODEL/VERSION).
     metadata.name = version_dir.parent.name
     metadata.versions[:] = [version_dir.name]
-    server.add_generic_rpc_handlers((handler(metadata),))
+    server.add_generic_rpc_handlers((handler(metadata, protobuf),))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     log.info("echo listening on %s:%d for %s", host, bound, version_dir)
@@ -162,9 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here")
+    parser.add_argument(
+        "--protobuf",
+        action="store_true",
+        help="parse each request and build each response (protobuf floor)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.model_dir, args.host, args.port, args.port_file))
+    asyncio.run(serve(args.model_dir, args.host, args.port, args.port_file, args.protobuf))
     return 0
 
 
