@@ -7,16 +7,10 @@ so the next large buffers come from those arenas too. Resident memory then stays
 burst's high-water mark. `malloc_trim(0)` returns every arena's free pages; it is called when
 the server has been idle for IDLE_SECONDS and resident memory grew by GROWTH_BYTES since the
 last trim (so a steady load never pays for it, and an idle server does not trim in a loop).
-Forcing large buffers to mmap instead was not chosen: fresh pages cost a page fault each, and
-on the machine measured that made a 32 MB copy 24-40x slower.
-
-The opposite is done under load (`keep_freed_heap`, at start): buffers up to 32 MiB come from
-the heap and freed memory stays there for the next request (M_MMAP_THRESHOLD 32 MiB,
-M_TRIM_THRESHOLD 256 MiB), instead of glibc's default of mapping fresh pages for large
-buffers and trimming the heap top eagerly. Measured with --no-compute at (8,128), 2 MiB a
-request each way, alternated twice: 2.5x the req/s at 16 clients (272-275 vs 96-111). The idle
-trim above still gives the memory back. MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in
-the environment win (glibc reads them first; this leaves them alone).
+Forcing large buffers to mmap instead (M_MMAP_THRESHOLD) was not chosen: fresh pages cost a
+page fault each, and on the machine measured that made a 32 MB copy 24-40x slower. Nor the
+opposite, glibc keeping freed heap for reuse under load: faster at steady large requests, but
+a burst's high-water mark stays (docs/performance.md, "What did not pay").
 """
 
 from __future__ import annotations
@@ -43,38 +37,13 @@ def resident_bytes() -> int:
         return 0
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-KEEP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest allowed value on 64-bit
-KEEP_TRIM_THRESHOLD = 256 * 1024 * 1024
-
-
-def _libc() -> ctypes.CDLL | None:
+def _malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-def keep_freed_heap() -> bool:
-    """Serve large buffers from the heap and keep freed ones for reuse; True if set."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        return False
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:  # not glibc
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    done = mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) == 1
-    return mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD) == 1 and done
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    function = getattr(_libc(), "malloc_trim", None)
-    if function is None:  # not glibc (musl, macOS)
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
         return None
     function.argtypes = [ctypes.c_size_t]
     function.restype = ctypes.c_int

@@ -109,8 +109,6 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self._trimming: asyncio.Task[None] | None = None
         self.trimmer = memory.Trimmer()
-        if memory.keep_freed_heap():
-            log.debug("malloc: large buffers from the heap, freed memory kept until idle")
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.health_port: int | None = None
