@@ -73,7 +73,5 @@ class Trimmer:
         after = resident_bytes()
         self.baseline = after
         self.trims += 1
-        log.info(
-            "memory trimmed after idle: resident %.0f -> %.0f MB", before / 2**20, after / 2**20
-        )
+        log.info("memory trimmed: resident %.0f -> %.0f MB", before / 2**20, after / 2**20)
         return before, after
