@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # as pytest sees them: fuzz_*, harness
 
 from fuzz_property import SERVER_SETTINGS, Fuzzer, Problem, size  # noqa: E402
-from fuzz_strategies import MODELS, Call, E, calls  # noqa: E402
+from fuzz_strategies import calls  # noqa: E402
+from fuzz_values import MODELS, Call, E  # noqa: E402
 from harness import RunningServer, settings_for  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-from fuzz_strategies import REFLECTION, RPCS, STREAM_INFER, Call, E, Sent, Stream, Unary
+from fuzz_values import REFLECTION, RPCS, STREAM_INFER, Call, E, Sent, Stream, Unary
 from google.protobuf.message import DecodeError
 
 from mha.proto import grpc_predict_v2_pb2 as pb
