@@ -114,20 +114,21 @@ def print_diffs(diffs: Sequence[OutputDiff]) -> bool:
     return all(d.passed for d in diffs)
 
 
-def _security(args: argparse.Namespace) -> security.Security:
+def connect(args: argparse.Namespace) -> Client:
+    """The client the flags describe (--url, --timeout, --max-message-bytes, security)."""
     try:
-        return security.from_args(args)
+        secured = security.from_args(args)
     except ValueError as err:
         raise CliError(str(err)) from None
+    return Client(
+        args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
+        security=secured,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        secured = _security(args)
-        with Client(
-            args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
-            security=secured,
-        ) as c:  # fmt: skip
+        with connect(args) as c:
             metadata = c.model_metadata(args.model, args.version)
             outputs = requested_outputs(args, output_names(metadata))
             given = load_arrays({n: getattr(args, n) for n in ("query", "key", "value")})

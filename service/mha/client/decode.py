@@ -23,6 +23,7 @@ import numpy as np
 
 from mha import contract
 from mha.client import security
+from mha.client.cli import connect
 from mha.client.compare import CompareError, model_files, tolerance
 from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, ClientError, SequenceStep
 from mha.client.sync import Client
@@ -191,20 +192,9 @@ def compare_steps(model_dir: Path, sequences: list[Decoded]) -> bool:
     return passed
 
 
-def _security(args: argparse.Namespace) -> security.Security:
-    try:
-        return security.from_args(args)
-    except ValueError as err:
-        raise CliError(str(err)) from None
-
-
 def run(args: argparse.Namespace) -> int:
     try:
-        secured = _security(args)
-        with Client(
-            args.url, timeout=args.timeout, max_message_bytes=args.max_message_bytes,
-            security=secured,
-        ) as c:  # fmt: skip
+        with connect(args) as c:
             metadata = c.model_metadata(args.model, args.version)
             widths = {t.name: int(t.shape[-1]) for t in metadata.inputs if t.datatype != "BOOL"}
             query = next((t for t in metadata.inputs if t.name == contract.QUERY), None)
