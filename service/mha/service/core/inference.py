@@ -30,8 +30,9 @@ class Unreadable:
     reason: str
 
 
-# Row-major little-endian bytes | typed values in order | an array | why there is none.
-Payload = bytes | Sequence[Any] | np.ndarray | Unreadable
+# Row-major little-endian bytes (or a view of received bytes) | typed values in order |
+# an array | why there is none.
+Payload = bytes | memoryview | Sequence[Any] | np.ndarray | Unreadable
 
 
 @dataclass(frozen=True)

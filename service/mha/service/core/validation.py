@@ -149,7 +149,7 @@ def decode_tensor(tensor: InputTensor) -> np.ndarray:
     data = tensor.data
     if isinstance(data, Unreadable):
         raise InvalidArgument(f"input {name!r}: {data.reason}")
-    if isinstance(data, bytes):
+    if isinstance(data, (bytes, memoryview)):  # a memoryview here is of bytes: len = bytes
         if len(data) != count * dtype.itemsize:
             raise InvalidArgument(
                 f"input {name!r}: {tensor.source} are {len(data)} bytes, shape {shape} of "

@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import inspect
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 
+from mha.service.core import logs
+
 log = logging.getLogger(__name__)
 
 MISSING_TOKEN = "missing credentials: send metadata 'authorization: Bearer <token>'"
 WRONG_TOKEN = "the bearer token is not accepted"
 HEALTH_SERVICE = "grpc.health.v1.Health"
+
+
+# A method's own (parse the request bytes, serialize the answer or None for bytes answers).
+Codec = tuple[Callable[[bytes], Any], Callable[[Any], bytes] | None]
 
 
 class TokenCheck(Protocol):
@@ -68,8 +73,16 @@ class Guard:
         self.refusals = {"unauthenticated": 0, "undecodable": 0}
 
     def wrap(
-        self, service: str, name: str, handler: grpc.RpcMethodHandler, *, takes_undecodable: bool
+        self,
+        service: str,
+        name: str,
+        handler: grpc.RpcMethodHandler,
+        *,
+        takes_undecodable: bool,
+        codec: Codec | None = None,
     ) -> grpc.RpcMethodHandler:
+        """`codec` replaces the generated (parse, serialize) pair; a None serializer means
+        the method answers bytes already serialized."""
         method = f"/{service}/{name}"
         check = self.tokens if service not in self.open_services else None
         parse = handler.request_deserializer
@@ -77,6 +90,8 @@ class Guard:
             raise TypeError(f"{method}: a handler without a request deserializer")
         kind = _message_type(parse)
         serialize = handler.response_serializer
+        if codec is not None:
+            parse, serialize = codec
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
             if check is None:
@@ -100,7 +115,7 @@ class Guard:
                 await refuse_undecodable(raw, context)
 
         async def refuse_undecodable(raw: bytes, context: grpc.aio.ServicerContext) -> None:
-            request_id = uuid.uuid4().hex[:12]
+            request_id = logs.new_request_id()
             self.refusals["undecodable"] += 1
             log.info(
                 "%s refused: INVALID_ARGUMENT %s (%d bytes)", method, not_valid(kind), len(raw),
@@ -115,7 +130,7 @@ class Guard:
                 try:
                     yield parse(raw)
                 except Exception:
-                    request_id = uuid.uuid4().hex[:12]
+                    request_id = logs.new_request_id()
                     self.refusals["undecodable"] += 1
                     log.info(
                         "%s: INVALID_ARGUMENT %s (%d bytes)", method, not_valid(kind), len(raw),
@@ -181,15 +196,20 @@ class Registrar:
 
     Generated code registers a method table twice, as a generic handler and as registered
     methods; both get the guarded table. `takes_undecodable` names the methods that take an
-    `Undecodable` on their request stream.
+    `Undecodable` on their request stream; `codecs` the methods with their own Codec.
     """
 
     def __init__(
-        self, server: grpc.aio.Server, guard: Guard, takes_undecodable: Iterable[str] = ()
+        self,
+        server: grpc.aio.Server,
+        guard: Guard,
+        takes_undecodable: Iterable[str] = (),
+        codecs: Mapping[str, Codec] | None = None,
     ) -> None:
         self.server = server
         self.guard = guard
         self.takes_undecodable = frozenset(takes_undecodable)
+        self.codecs = dict(codecs or {})  # method path -> its own Codec
         self.pending = 0  # generic handlers not yet followed by their method table
 
     def add_generic_rpc_handlers(self, handlers: Iterable[Any]) -> None:
@@ -201,7 +221,11 @@ class Registrar:
     ) -> None:
         guarded = {
             name: self.guard.wrap(
-                service, name, handler, takes_undecodable=self._takes(service, name)
+                service,
+                name,
+                handler,
+                takes_undecodable=self._takes(service, name),
+                codec=self.codecs.get(f"/{service}/{name}"),
             )
             for name, handler in handlers.items()
         }

@@ -19,7 +19,7 @@ from mha.service.core.inference import (
 )
 from mha.service.core.repository import ModelSpec
 from mha.service.core.stats import Duration, VersionStats
-from mha.service.grpc import codec
+from mha.service.grpc import codec, wire
 
 PLATFORM = "onnxruntime_onnx"  # Triton's platform name for ONNX Runtime models
 
@@ -34,9 +34,8 @@ def parameters(params: object) -> dict[str, Parameter]:
     return values
 
 
-def _contents_problem(request: pb.ModelInferRequest) -> str | None:
+def _contents_problem(request: pb.ModelInferRequest, raw_count: int) -> str | None:
     """What breaks the wire's rules for tensor contents, if anything."""
-    raw_count = len(request.raw_input_contents)
     typed = [t.name for t in request.inputs if codec.typed_count(t.contents)]
     if raw_count and typed:
         return (
@@ -70,15 +69,22 @@ def _typed_input(tensor: pb.ModelInferRequest.InferInputTensor) -> InputTensor:
 
 
 def infer_request(
-    message: pb.ModelInferRequest, timeout: float | None, session: Hashable | None = None
+    message: pb.ModelInferRequest | wire.SplitRequest,
+    timeout: float | None,
+    session: Hashable | None = None,
 ) -> InferRequest:
     """The data plane's request; a breach of the wire's own rules makes it `unreadable`.
 
+    A SplitRequest's raw contents stay views of the received bytes (mha.service.grpc.wire).
     The data plane refuses an unreadable request after the model lookup, so the order of
     checks (and so which error a client sees first) is the same as for any other problem.
     """
-    problem = _contents_problem(message)
-    raws = list(message.raw_input_contents)
+    if isinstance(message, wire.SplitRequest):
+        raws: Sequence[bytes | memoryview] = message.contents
+        message = message.message
+    else:
+        raws = list(message.raw_input_contents)
+    problem = _contents_problem(message, len(raws))
     inputs = []
     if problem is None:
         inputs = [
@@ -98,6 +104,14 @@ def infer_request(
         unreadable=problem,
         session=session,
     )
+
+
+def infer_response_bytes(response: InferResponse) -> bytes:
+    """The serialized ModelInferResponse, written directly (mha.service.grpc.wire)."""
+    return wire.infer_response(
+        response.model_name, response.model_version, response.id, response.outputs,
+        response.parameters,
+    )  # fmt: skip
 
 
 def infer_response(response: InferResponse) -> pb.ModelInferResponse:

@@ -30,7 +30,7 @@ from mha.service.grpc import reflection, security
 from mha.service.grpc.guard import HEALTH_SERVICE, Guard, Registrar
 from mha.service.grpc.health import Health
 from mha.service.grpc.reflection import INFERENCE_SERVICE
-from mha.service.grpc.servicer import InferenceServicer
+from mha.service.grpc.servicer import CODECS, InferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ class Server:
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         registrar = Registrar(
-            server, self.guard, takes_undecodable=(f"/{INFERENCE_SERVICE}/ModelStreamInfer",)
-        )
+            server, self.guard, takes_undecodable=(f"/{INFERENCE_SERVICE}/ModelStreamInfer",),
+            codecs=CODECS,
+        )  # fmt: skip
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, registrar)
         await self.health.attach(registrar)
         if settings.reflection:

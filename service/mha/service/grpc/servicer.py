@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 from typing import Any
@@ -23,8 +22,8 @@ from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service.core import logs
 from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
-from mha.service.grpc import messages
-from mha.service.grpc.guard import Undecodable
+from mha.service.grpc import messages, wire
+from mha.service.grpc.guard import Codec, Undecodable
 from mha.service.grpc.streams import StreamAnswers
 
 log = logging.getLogger(__name__)
@@ -35,6 +34,12 @@ SERVER_NAME = "mha-serve"
 EXTENSIONS = ("statistics", "sequence")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+# Methods registered with their own Codec (Registrar): ModelInfer's request split from its
+# tensor bytes, its answer bytes written directly (mha.service.grpc.wire).
+CODECS: dict[str, Codec] = {
+    "/inference.GRPCInferenceService/ModelInfer": (wire.split_infer_request, None),
+}
 
 
 def _version() -> str:
@@ -54,7 +59,7 @@ def rpc(method: Handler) -> Handler:
 
     @functools.wraps(method)
     async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        request_id = getattr(request, "id", "") or uuid.uuid4().hex[:12]
+        request_id = getattr(request, "id", "") or logs.new_request_id()
         token = logs.request_id.set(request_id)
         extra = {"request_id": request_id}  # for handlers without logs.RequestIdFilter
         try:
@@ -110,9 +115,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     @rpc
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> Any:
+    async def ModelInfer(self, request: wire.SplitRequest, context: Any) -> bytes:
+        """The hot path: tensors as views of the received bytes, the answer written as
+        bytes (CODECS registers the method so)."""
         decoded = messages.infer_request(request, context.time_remaining())
-        return messages.infer_response(await self.plane.infer(decoded))
+        return messages.infer_response_bytes(await self.plane.infer(decoded))
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
