@@ -8,13 +8,26 @@ this package or not, names the request.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# Ids for requests that bring none: this process's random prefix and a count. A uuid4 costs
+# an os.urandom call (~1.8 us) on every such request; this ~0.1 us.
+_ID_PREFIX = os.urandom(3).hex()
+_ID_COUNT = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """An id unique within this server's logs (prefix-count, hex)."""
+    return f"{_ID_PREFIX}-{next(_ID_COUNT):x}"
+
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 

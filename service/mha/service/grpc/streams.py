@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,7 +36,7 @@ class StreamAnswers:
     def __init__(self, plane: DataPlane, context: Any) -> None:
         self.plane = plane
         self.context = context
-        self.session = f"stream-{uuid.uuid4().hex[:12]}"  # owner of the sequences it starts
+        self.session = f"stream-{logs.new_request_id()}"  # owner of the sequences it starts
         self.answers: asyncio.Queue[Any] = asyncio.Queue()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -72,7 +71,7 @@ class StreamAnswers:
         await self.answers.put(_DONE)
 
     async def _answer(self, request: pb.ModelInferRequest) -> None:
-        request_id = request.id or uuid.uuid4().hex[:12]
+        request_id = request.id or logs.new_request_id()
         token = logs.request_id.set(request_id)
         try:
             decoded = messages.infer_request(request, None, self.session)
