@@ -182,3 +182,38 @@ def test_plans_measure_every_figure_their_targets_need(preset: str) -> None:
     [goals] = [p.goals for p in PRESETS[preset] if p.goals is not None]
     targets = report.goal_targets(points, goals)
     assert targets and all(t["ok"] is not None for t in targets)
+
+
+def test_rounds_interleave_contenders_and_pool_medians(bench_repo: Path, tmp_path: Path) -> None:
+    """--rounds 3: every server up at once, each point measured per contender per round (the
+    order rotating), the record's req/s the median of its rounds."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--repository", str(bench_repo),
+               "--model", "tiny", "--out", str(out), "--no-plot", "--configs", "off,echo,inprocess",
+               "--workloads", "1x16", "--concurrency", "1,4", "--duration", "0.3",
+               "--warmup", "0.1", "--rounds", "3"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    document = json.loads((out / "bench.json").read_text())
+    assert document["rounds"] == 3
+    points = document["points"]
+    assert len(points) == 6 and set(document["servers"]) == {"off", "echo"}
+    for p in points:
+        assert len(p["rounds"]) == 3 and p["rps"] == sorted(p["rounds"])[1], p
+        assert p["errors"] == {} and p["requests"] > 0, p
+    # Progress lines on stderr, in measuring order: each round of a point visits every
+    # contender before the next point, starting one contender later each round.
+    order = [
+        line.split("] ")[-1].split()[:3] for line in run.stderr.splitlines() if "req/s" in line
+    ]
+    assert len(order) == 18
+    one_client = [config for config, _workload, clients in order if clients == "c=1"]
+    assert one_client == ["off", "echo", "inprocess", "echo", "inprocess", "off",
+                          "inprocess", "off", "echo"]  # fmt: skip
+
+
+def test_rounds_below_one_are_refused(bench_repo: Path, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--repository", str(bench_repo),
+               "--model", "tiny", "--out", str(tmp_path), "--rounds", "0"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "--rounds 0: need at least 1" in run.stderr

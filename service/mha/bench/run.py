@@ -1,7 +1,10 @@
 """Run a benchmark plan: one server per configuration, each point in turn, progress on stderr.
 
-Configurations run one after the other in the plan's order (one server up at a time, so
-no idle server shares the cores); a point is not alternated between contenders.
+With one round, configurations run one after the other in the plan's order (one server up
+at a time, so no idle server shares the cores). With several (`--rounds`), every server is
+up at once and each point is measured for every contender in turn, the order rotating from
+round to round, so a slow minute of a shared machine falls on all of them alike; a point's
+record then holds the medians over its rounds (`pooled`).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -77,8 +81,12 @@ class PlanRunner:
             )
         return self._pools[key]
 
-    def run_all(self, points: list[tuple[Point, Timing]]) -> tuple[list[dict], dict[str, dict]]:
+    def run_all(
+        self, points: list[tuple[Point, Timing]], rounds: int = 1
+    ) -> tuple[list[dict], dict[str, dict]]:
         """Measure every point; return point records and per-server facts."""
+        if rounds > 1:
+            return self._interleaved(points, rounds)
         progress = Progress(len(points))
         results: list[dict] = []
         servers: dict[str, dict] = {}
@@ -106,17 +114,70 @@ class PlanRunner:
             idle_mb = server.rss_mb()
             counted = config != "echo"  # the echo keeps no statistics and has no /metrics
             results = [self._served(server.url, p, t, progress, server, counted) for p, t in todo]
-            servers[config] = {
-                "startup_s": server.startup_s,
-                "rss_mb": server.rss_mb(),
-                "rss_idle_mb": idle_mb,
-                "flags": server.flags,
-                "model": self.args.model,
-                "log": str(server.log_path),
-            }
+            servers[config] = self._facts(server, idle_mb)
         finally:
             server.stop()
         return results
+
+    def _interleaved(
+        self, points: list[tuple[Point, Timing]], rounds: int
+    ) -> tuple[list[dict], dict[str, dict]]:
+        """Every server up at once; each point for every contender in turn, `rounds` times."""
+        progress = Progress(len(points) * rounds)
+        log_dir = Path(tempfile.mkdtemp(prefix="mha-bench-"))
+        configs = dict.fromkeys(p.config for p, _ in points)
+        started: dict[str, ServerProcess] = {}
+        try:
+            for config in configs:
+                if config in STARTED_CONFIGS:
+                    started[config] = self._start(config, log_dir)
+            idle = {config: server.rss_mb() for config, server in started.items()}
+            session = None
+            if "inprocess" in configs:
+                assert self.local is not None
+                session = make_session(self.local / "model.onnx", self.args.threads)
+            alike: dict[tuple, list[tuple[Point, Timing]]] = {}
+            for point, timing in points:
+                key = (point.workload, point.concurrency, point.rate, point.merge)
+                alike.setdefault(key, []).append((point, timing))
+            measured: dict[Point, list[dict]] = {point: [] for point, _ in points}
+            for index in range(rounds):
+                for group in alike.values():
+                    turn = index % len(group)
+                    for point, timing in group[turn:] + group[:turn]:
+                        measured[point].append(self._one(point, timing, progress, started, session))
+            servers = {
+                config: self._facts(server, idle[config]) for config, server in started.items()
+            }
+        finally:
+            for server in started.values():
+                server.stop()
+        return [pooled(measured[point]) for point, _ in points], servers
+
+    def _one(
+        self,
+        point: Point,
+        timing: Timing,
+        progress: Progress,
+        started: dict[str, ServerProcess],
+        session: Any,
+    ) -> dict:
+        if point.config == "inprocess":
+            return self._inprocess([(point, timing)], progress, session)[0]
+        if point.config == "external":
+            return self._served(self.args.url, point, timing, progress, None)
+        server = started[point.config]
+        return self._served(server.url, point, timing, progress, server, point.config != "echo")
+
+    def _facts(self, server: ServerProcess, idle_mb: float) -> dict:
+        return {
+            "startup_s": server.startup_s,
+            "rss_mb": server.rss_mb(),
+            "rss_idle_mb": idle_mb,
+            "flags": server.flags,
+            "model": self.args.model,
+            "log": str(server.log_path),
+        }
 
     def _start(self, config: str, log_dir: Path) -> ServerProcess:
         assert self.local is not None
@@ -182,9 +243,12 @@ class PlanRunner:
                 )
         return counters
 
-    def _inprocess(self, todo: list[tuple[Point, Timing]], progress: Progress) -> list[dict]:
+    def _inprocess(
+        self, todo: list[tuple[Point, Timing]], progress: Progress, session: Any = None
+    ) -> list[dict]:
         assert self.local is not None
-        session = make_session(self.local / "model.onnx", self.args.threads)
+        if session is None:
+            session = make_session(self.local / "model.onnx", self.args.threads)
         graph_inputs = [i.name for i in session.get_inputs()]
         outputs = [o.name for o in self.metadata.outputs if o.name != "attention_weights"]
         records = []
@@ -226,6 +290,31 @@ class PlanRunner:
             "errors": result.errors,
             "client_cpu_ms": result.client_cpu_ms,
         }
+
+
+# A pooled record's figures: the median over its rounds (max_ms: the largest).
+_MEDIANS = ("rps", "p50_ms", "p90_ms", "p99_ms", "seconds", "client_cpu_ms", "mean_batch",
+            "padding_fraction")  # fmt: skip
+
+
+def pooled(records: list[dict]) -> dict:
+    """One point's rounds as one record: medians, summed counts, and each round's req/s."""
+    if len(records) == 1:
+        return records[0]
+    record = dict(records[0])
+    for key in _MEDIANS:
+        values = [r[key] for r in records if r.get(key) is not None]
+        record[key] = statistics.median(values) if values else None
+    record["max_ms"] = max(r["max_ms"] for r in records)
+    record["requests"] = sum(r["requests"] for r in records)
+    record["sent"] = sum(r["sent"] for r in records)
+    errors: dict[str, int] = {}
+    for r in records:
+        for code, count in r["errors"].items():
+            errors[code] = errors.get(code, 0) + count
+    record["errors"] = errors
+    record["rounds"] = [r["rps"] for r in records]
+    return record
 
 
 def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:

@@ -73,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--max-requests", type=int, default=0, help="measured requests per point")
     load.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every point this many times, contenders interleaved point by point "
+        "(every server up at once, the order rotating each round); medians are reported",
+    )
     server = arguments.add_server_arguments(parser)
     server.add_argument("--max-batch-delay-us", type=int, help="passed to mha serve (batching on)")
     arguments.add_output_arguments(parser, Path("bench-out/serve"))
@@ -162,17 +169,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         assert local is not None
         metadata = metadata_from_config(read_config(local))
+    if args.rounds < 1:
+        raise CliError(f"--rounds {args.rounds}: need at least 1")
     chosen = presets(args)
     points: list[tuple[Point, Timing]] = plan(chosen, configs(args, local is not None))
     args.out.mkdir(parents=True, exist_ok=True)
     runner = PlanRunner(args, metadata, local)
     started, load_before = time.time(), os.getloadavg()
     try:
-        results, servers = runner.run_all(points)
+        results, servers = runner.run_all(points, args.rounds)
     except (ServerFailed, RuntimeError) as err:  # a server that died, a load generator that did
         raise CliError(str(err)) from None
     document: dict[str, Any] = {
         "preset": args.preset,
+        "rounds": args.rounds,
         "started": started,
         "seconds": time.time() - started,
         "machine": arguments.machine(load_before),
