@@ -61,3 +61,22 @@ def test_decode_help_loads_no_export_tools() -> None:
     assert done.returncode == 0, done.stderr
     heavy, _ = done.stdout.rsplit(" ", 1)
     assert heavy == "[]", done.stdout
+
+
+def test_repeats_interleave_the_contestants(tmp_path: Path) -> None:
+    """Both servers up at once; each repeat runs every workload for every contestant in turn,
+    starting one contestant later each repeat."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick", "--repeats", "2",
+               "--contestants", "cached,batching-off", "--out", str(out), "--no-plot"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    order = json.loads((out / "bench.json").read_text())["order"]
+    assert [run["contestant"] for run in order] == [
+        "cached", "batching-off", "cached", "batching-off",
+        "batching-off", "cached", "batching-off", "cached",
+    ]  # fmt: skip
+    workloads = [run["workload"] for run in order]
+    assert workloads[0] == workloads[1] != workloads[2] == workloads[3]
+    assert workloads[4:] == workloads[:4]
+    assert [run["repeat"] for run in order] == [0] * 4 + [1] * 4

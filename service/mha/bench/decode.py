@@ -4,7 +4,9 @@ Two exports of the same seeded weights (mha.bench.decode_models): a KV-cache ste
 a stateless causal one. Workloads: a prompt of P tokens, then `steps` steps of one token,
 for 1, 8 and 32 sequences at once, each run --repeats times and pooled
 (mha.bench.decode_load). Contestants, side by side in one run, one `mha serve` process
-per configuration on loopback:
+per configuration on loopback, both up at once; each repeat runs every workload for every
+contestant in turn (the order rotating per repeat), so a busy minute of a shared machine
+falls on all of them alike:
   cached        batching on (continuous batching of steps), the step model, server-held cache
   recompute     the same server, the causal model, each step sends the whole prefix
   batching-off  `mha serve --no-batching`, the cached workload
@@ -20,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -147,6 +150,7 @@ class DecodeBench:
         self.records: list[dict[str, Any]] = []
         self.servers: dict[str, dict[str, Any]] = {}
         self.first_rows: dict[tuple[str, int], np.ndarray] = {}  # (contestant, P) -> row
+        self.order: list[dict[str, Any]] = []  # the runs in the order they were measured
 
     @property
     def repeats(self) -> range:
@@ -173,56 +177,85 @@ class DecodeBench:
             flush=True,
         )
 
-    def in_process(self) -> None:
+    def run(self, wanted: tuple[str, ...]) -> None:
+        """Every contestant's workloads, interleaved: both servers up at once; each repeat
+        runs every workload for every contestant in turn, the order rotating per repeat."""
+        log_dir = Path(tempfile.mkdtemp(prefix="mha-bench-decode-"))
+        started: dict[str, ServerProcess] = {}
+        try:
+            runners: dict[str, Callable[[Workload, str], Measured]] = {}
+            places: dict[str, str | None] = {}
+            if "in-process" in wanted:
+                runners["in-process"], places["in-process"] = self._in_process(), None
+            for config, contestants in SERVED.items():
+                chosen = [c for c in contestants if c in wanted]
+                if not chosen:
+                    continue
+                started[config] = server = self._start(config, log_dir)
+                for contestant in chosen:
+                    runners[contestant] = self._served(server, contestant)
+                    places[contestant] = config
+            self._interleave(runners, places)
+            for config, server in started.items():
+                self.servers[config] = {
+                    "startup_s": server.startup_s,
+                    "rss_mb": server.rss_mb(),
+                    "flags": server.flags,
+                    "log": str(server.log_path),
+                }
+        finally:
+            for server in started.values():
+                server.stop()
+
+    def _interleave(
+        self,
+        runners: dict[str, Callable[[Workload, str], Measured]],
+        places: dict[str, str | None],
+    ) -> None:
+        names = list(runners)
+        plans = {name: self.workloads(name) for name in names}
+        every = list(dict.fromkeys(w for name in names for w in plans[name]))
+        runs: dict[tuple[str, Workload], list[Measured]] = {}
+        for repeat in self.repeats:
+            turn = repeat % len(names)
+            for workload in every:
+                for name in names[turn:] + names[:turn]:
+                    if workload in plans[name]:
+                        tag = f"{name}-{workload.prompt}-{workload.sequences}-{repeat}"
+                        runs.setdefault((name, workload), []).append(runners[name](workload, tag))
+                        self.order.append(
+                            {"contestant": name, "workload": workload.label, "repeat": repeat}
+                        )
+        for name in names:
+            for workload in plans[name]:
+                self.keep(name, places[name], workload, Measured.pooled(runs[name, workload]))
+
+    def _in_process(self) -> Callable[[Workload, str], Measured]:
         session = make_session(self.models.kv_dir / "model.onnx", self.args.threads)
         width, seed = self.sizes.d_model, self.args.seed
         decode_in_process(session, Workload(min(self.sizes.prompts), 2, 1), width, seed)  # warm-up
-        for workload in self.workloads("in-process"):
-            runs = [decode_in_process(session, workload, width, seed) for _ in self.repeats]
-            self.keep("in-process", None, workload, Measured.pooled(runs))
+        return lambda workload, _tag: decode_in_process(session, workload, width, seed)
 
-    def served(self, config: str, contestants: list[str]) -> None:
-        """One `mha serve` process in `config` for these contestants, stopped afterwards."""
+    def _start(self, config: str, log_dir: Path) -> ServerProcess:
         print(f"starting mha serve ({config}) ...", file=sys.stderr, flush=True)
-        log_dir = Path(tempfile.mkdtemp(prefix="mha-bench-decode-"))
-        server = start_server(
+        return start_server(
             self.models.repository,
             config,
             threads=self.args.threads,
             extra=list(self.args.server_arg),
             log_dir=log_dir,
         )
-        try:
-            for contestant in contestants:
-                self.served_contestant(server, config, contestant)
-            self.servers[config] = {
-                "startup_s": server.startup_s,
-                "rss_mb": server.rss_mb(),
-                "flags": server.flags,
-                "log": str(server.log_path),
-            }
-        finally:
-            server.stop()
 
-    def served_contestant(self, server: ServerProcess, config: str, contestant: str) -> None:
+    def _served(
+        self, server: ServerProcess, contestant: str
+    ) -> Callable[[Workload, str], Measured]:
         cached = contestant != "recompute"
         model = self.models.kv if cached else self.models.full
         how = Served(server.url, model, cached, server.metrics)
         width, seed = self.sizes.d_model, self.args.seed
         warm_up = Workload(min(self.sizes.prompts), 2, max(self.sizes.sequences))
-        decode_served(how, warm_up, width, seed, "warm-up")
-        for workload in self.workloads(contestant):
-            tag = f"{contestant}-{workload.prompt}-{workload.sequences}"
-            runs = [decode_served(how, workload, width, seed, f"{tag}-{r}") for r in self.repeats]
-            self.keep(contestant, config, workload, Measured.pooled(runs))
-
-    def run(self, wanted: tuple[str, ...]) -> None:
-        if "in-process" in wanted:
-            self.in_process()
-        for config, contestants in SERVED.items():
-            chosen = [c for c in contestants if c in wanted]
-            if chosen:
-                self.served(config, chosen)
+        decode_served(how, warm_up, width, seed, f"{contestant}-warm-up")
+        return lambda workload, tag: decode_served(how, workload, width, seed, tag)
 
     def agreement(self) -> list[dict[str, Any]]:
         """Max |diff| of sequence 0's last output between cached and each other contestant."""
@@ -258,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         "servers": bench.servers,
         "points": bench.records,
         "agreement": bench.agreement(),
+        "order": bench.order,
     }
     document["targets"] = print_tables(document)
     report.write_json(args.out / "bench.json", document)
