@@ -35,6 +35,9 @@ a batch is whatever queued while the previous run was busy, so one client sees n
 (measured on 2 CPU cores: 500 us, which asyncio rounds up to ~1.7 ms, cost one client
 +1.3 ms p50 at (1,16) and bought nothing under load).
 
+Whether to merge at all is measured, not assumed (scheduling.MergeGain): while merged runs
+cost no less per input element than runs of one job, the oldest queued job runs alone.
+
 Runs in flight: max_in_flight (default 1). On CPU one run already spreads over every core
 through ONNX Runtime's intra-op threads, so a second concurrent run mostly contends; jobs
 arriving meanwhile queue up and form the next, larger batch. On a GPU, 2 lets the host
@@ -60,7 +63,14 @@ import numpy as np
 from mha.service.core import padding
 from mha.service.core.errors import DeadlineExceeded, QueueFull, Unavailable
 from mha.service.core.metrics import Metrics
-from mha.service.core.scheduling import InferenceJob, JobResult, Runner, RunPlace, elements
+from mha.service.core.scheduling import (
+    InferenceJob,
+    JobResult,
+    MergeGain,
+    Runner,
+    RunPlace,
+    elements,
+)
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +148,7 @@ class _Run:
     start: float
     end: float
     padding_fraction: float
+    spent: float = 0.0  # seconds with the merge and the split (MergeGain's figure)
 
 
 class BatchingScheduler:
@@ -157,6 +168,7 @@ class BatchingScheduler:
     ) -> None:
         self._runner = runner
         self._place = RunPlace(runner, inline_under_s)
+        self.gain = MergeGain()  # whether merged runs pay here (runs' own measurements)
         self._options = options
         self._self_attention = self_attention
         self._runs: RunShaper = runs or padding.AttentionRuns(self_attention)
@@ -245,6 +257,7 @@ class BatchingScheduler:
             pending.add_done_callback(lambda _: slots.release())
             run = await asyncio.shield(pending)
         self._place.ran(run.end - run.start, work)
+        self.gain.ran(run.end - run.start, work, 1)
         if self._metrics is not None:
             self._metrics.batch_run(*self._labels, run.end - run.start, job.batch_size, 0.0)
         return JobResult(
@@ -346,6 +359,8 @@ class BatchingScheduler:
             o.max_padding_fraction,
             self._self_attention,
         )
+        if len(chosen) > 1 and not self.gain.merge():
+            chosen = [0]  # merging does not pay here: the oldest runs alone, the rest wait
         batch = [self._queue.pop(seqs[i]) for i in chosen]
         self._queue_changed()
         return batch
@@ -374,6 +389,7 @@ class BatchingScheduler:
             else:
                 run = await loop.run_in_executor(self._executor, self._compute, jobs)
             self._place.ran(run.end - run.start, work)
+            self.gain.ran(run.spent, work, len(jobs))
         except Exception as error:  # the runner's failure is every job's failure
             log.debug("batch of %d jobs failed: %r", len(batch), error)
             for pending in batch:
@@ -404,8 +420,9 @@ class BatchingScheduler:
             start = time.monotonic()
             outputs = self._runner(jobs[0].inputs, jobs[0].outputs)
             end = time.monotonic()
-            return _Run([{n: outputs[n] for n in jobs[0].outputs}], start, end, 0.0)
+            return _Run([{n: outputs[n] for n in jobs[0].outputs}], start, end, 0.0, end - start)
         runs = self._runs
+        began = time.monotonic()
         merged = runs.merge([j.inputs for j in jobs])
         try:
             start = time.monotonic()
@@ -417,7 +434,7 @@ class BatchingScheduler:
         finally:
             runs.release(merged)
         fraction = runs.fraction([runs.shape(j.inputs) for j in jobs])
-        return _Run(answers, start, end, fraction)
+        return _Run(answers, start, end, fraction, time.monotonic() - began)
 
 
 def _expired(pending: _Pending) -> DeadlineExceeded:
