@@ -78,6 +78,11 @@ def test_metrics_add_up_and_agree_with_model_statistics(served: RunningServer):
         runs = value(samples, "mha_compute_duration_seconds_count", **labels)
         assert runs == stat.execution_count == sum(b.compute_infer.count for b in stat.batch_stats)
         assert 1 <= runs <= successes
+        # Where they ran: the first in the executor (nothing measured yet), then these tiny
+        # runs on the event loop (under --inline-runs-under-us, 20 ms on CPU).
+        on_loop = value(samples, "mha_session_runs_total", **labels, place="loop")
+        in_executor = value(samples, "mha_session_runs_total", **labels, place="executor")
+        assert on_loop + in_executor == runs and in_executor >= 1 and on_loop >= 1
         compute_ns = sum(b.compute_infer.ns for b in stat.batch_stats)
         seconds = value(samples, "mha_compute_duration_seconds_sum", **labels)
         assert seconds * 1e9 == pytest.approx(compute_ns, abs=runs)  # ns rounding per run

@@ -244,7 +244,8 @@ class BatchingScheduler:
         assert slots is not None
         await slots.acquire()  # free (checked): returns at once
         work = elements((job,))
-        if self._place.inline(work):
+        inline = self._place.inline(work)
+        if inline:
             try:
                 run = self._compute((job,))
             finally:
@@ -259,7 +260,9 @@ class BatchingScheduler:
         self._place.ran(run.end - run.start, work)
         self.gain.ran(run.end - run.start, work, 1)
         if self._metrics is not None:
-            self._metrics.batch_run(*self._labels, run.end - run.start, job.batch_size, 0.0)
+            self._metrics.batch_run(
+                *self._labels, run.end - run.start, job.batch_size, 0.0, inline=inline
+            )
         return JobResult(
             outputs=run.answers[0],
             queue_ns=int((run.start - job.enqueued) * 1e9),
@@ -384,7 +387,8 @@ class BatchingScheduler:
             loop = asyncio.get_running_loop()
             jobs = [p.job for p in batch]
             work = elements(jobs)
-            if self._place.inline(work):
+            inline = self._place.inline(work)
+            if inline:
                 run = self._compute(jobs)
             else:
                 run = await loop.run_in_executor(self._executor, self._compute, jobs)
@@ -401,7 +405,7 @@ class BatchingScheduler:
         samples = sum(p.shape.B for p in batch)
         if self._metrics is not None:
             self._metrics.batch_run(
-                *self._labels, run.end - run.start, samples, run.padding_fraction
+                *self._labels, run.end - run.start, samples, run.padding_fraction, inline=inline
             )
         for pending, answer in zip(batch, run.answers, strict=True):
             if not pending.future.done():  # done = cancelled by a client that went away

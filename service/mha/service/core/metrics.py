@@ -5,6 +5,7 @@ Names (all labelled model, version):
   mha_request_duration_seconds         receive -> response, every request
   mha_queue_duration_seconds           submit -> session run start
   mha_compute_duration_seconds         one session run (a batch counts once)
+  mha_session_runs_total{place}        session runs, place = loop (on the event loop) or executor
   mha_batch_size_samples               samples per session run
   mha_batch_padding_fraction           padded tokens / all tokens per session run
   mha_queue_depth                      jobs waiting (gauge)
@@ -213,6 +214,9 @@ class Metrics:
                 "mha_queue_duration_seconds", "Time queued before compute", _LABELS, _SECONDS
             )
         )
+        self.runs = light.add(
+            LightCounter("mha_session_runs", "Session runs by where they ran", [*_LABELS, "place"])
+        )
         self.compute_seconds = light.add(
             LightHistogram(
                 "mha_compute_duration_seconds", "Session run duration", _LABELS, _SECONDS
@@ -266,8 +270,11 @@ class Metrics:
         self.child(self.queue_seconds, model, version).observe(seconds)
 
     def batch_run(
-        self, model: str, version: str, seconds: float, samples: int, padding_fraction: float
-    ) -> None:
+        self, model: str, version: str, seconds: float, samples: int, padding_fraction: float,
+        *, inline: bool = False,
+    ) -> None:  # fmt: skip
+        """One session run; `inline`: it ran on the event loop, not in the executor."""
+        self.child(self.runs, model, version, "loop" if inline else "executor").inc()
         self.child(self.compute_seconds, model, version).observe(seconds)
         self.child(self.batch_size, model, version).observe(samples)
         self.child(self.padding, model, version).observe(padding_fraction)

@@ -139,7 +139,8 @@ class DirectScheduler:
             )
         start = time.monotonic()
         work = elements((job,))
-        if self._place.inline(work):
+        inline = self._place.inline(work)
+        if inline:
             outputs = self._runner(job.inputs, job.outputs)
         else:
             loop = asyncio.get_running_loop()
@@ -149,7 +150,7 @@ class DirectScheduler:
         end = time.monotonic()
         self._place.ran(end - start, work)
         if self._metrics is not None:
-            self._metrics.batch_run(*self._labels, end - start, job.batch_size, 0.0)
+            self._metrics.batch_run(*self._labels, end - start, job.batch_size, 0.0, inline=inline)
         return JobResult(
             outputs=outputs,
             queue_ns=int((start - job.enqueued) * 1e9),

@@ -101,7 +101,8 @@ class StatsMetrics(Metrics):
         self.statistics = statistics
 
     def batch_run(
-        self, model: str, version: str, seconds: float, samples: int, padding_fraction: float
-    ) -> None:
-        super().batch_run(model, version, seconds, samples, padding_fraction)
+        self, model: str, version: str, seconds: float, samples: int, padding_fraction: float,
+        *, inline: bool = False,
+    ) -> None:  # fmt: skip
+        super().batch_run(model, version, seconds, samples, padding_fraction, inline=inline)
         self.statistics.execution(model, version, int(seconds * 1e9), samples)
