@@ -65,6 +65,18 @@ def split_infer_request(raw: bytes) -> SplitRequest:
     return SplitRequest(pb.ModelInferRequest.FromString(b"".join(kept)), contents)
 
 
+def _read_varint(raw: bytes, pos: int, most: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it; _Unexpected past `most` bytes."""
+    value = shift = 0
+    for index in range(pos, pos + most):
+        byte = raw[index]  # IndexError past the end: the caller's fallback
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, index + 1
+        shift += 7
+    raise _Unexpected
+
+
 def _walk(raw: bytes) -> tuple[list[memoryview], list[memoryview]]:
     """Top-level fields: every one but field 7 kept as it is, field 7's payloads apart."""
     view = memoryview(raw)
@@ -73,28 +85,10 @@ def _walk(raw: bytes) -> tuple[list[memoryview], list[memoryview]]:
     contents: list[memoryview] = []
     while pos < end:
         start = pos
-        byte = raw[pos]
-        pos += 1
-        tag, shift = byte & 0x7F, 7
-        while byte & 0x80:
-            if shift > 28:
-                raise _Unexpected  # a tag of more than 5 bytes
-            byte = raw[pos]
-            pos += 1
-            tag |= (byte & 0x7F) << shift
-            shift += 7
+        tag, pos = _read_varint(raw, pos, 5)  # protobuf refuses longer tags
         wire_type = tag & 7
         if wire_type == _LEN:
-            byte = raw[pos]
-            pos += 1
-            length, shift = byte & 0x7F, 7
-            while byte & 0x80:
-                if shift > 63:
-                    raise _Unexpected  # a length of more than 10 bytes
-                byte = raw[pos]
-                pos += 1
-                length |= (byte & 0x7F) << shift
-                shift += 7
+            length, pos = _read_varint(raw, pos, 10)
             payload_end = pos + length  # past the end: caught below
             if tag >> 3 == RAW_INPUT_CONTENTS:
                 if start > kept_from:
@@ -103,11 +97,7 @@ def _walk(raw: bytes) -> tuple[list[memoryview], list[memoryview]]:
                 kept_from = payload_end
             pos = payload_end
         elif wire_type == 0:
-            byte = raw[pos]
-            pos += 1
-            while byte & 0x80:
-                byte = raw[pos]
-                pos += 1
+            _value, pos = _read_varint(raw, pos, 10)
         elif wire_type == 1:
             pos += 8
         elif wire_type == 5:
@@ -121,7 +111,7 @@ def _walk(raw: bytes) -> tuple[list[memoryview], list[memoryview]]:
     return kept, contents
 
 
-def _varint(value: int) -> bytes:
+def _varint_bytes(value: int) -> bytes:
     if 0 <= value < 0x80:
         return _SMALL[value]
     value &= _UINT64  # negative int64 values take ten bytes, two's complement
@@ -134,11 +124,11 @@ def _varint(value: int) -> bytes:
 
 
 _SMALL = [bytes((v,)) for v in range(0x80)]
-_RAW_OUTPUT_TAG = _varint(6 << 3 | _LEN)  # ModelInferResponse.raw_output_contents
+_RAW_OUTPUT_TAG = _varint_bytes(6 << 3 | _LEN)  # ModelInferResponse.raw_output_contents
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | _LEN) + _varint(len(payload)) + payload
+    return _varint_bytes(number << 3 | _LEN) + _varint_bytes(len(payload)) + payload
 
 
 def _string(number: int, text: str) -> bytes:
@@ -155,7 +145,7 @@ def _parameter(value: bool | int | str) -> bytes:
     if isinstance(value, int):
         if not -(1 << 63) <= value < 1 << 63:
             raise ValueError(f"parameter value {value} does not fit int64")
-        return b"\x10" + _varint(value)
+        return b"\x10" + _varint_bytes(value)
     if isinstance(value, float):
         return b"\x21" + struct.pack("<d", value)
     return _field(3, value.encode())
@@ -173,7 +163,7 @@ def _names_of(model: str, version: str) -> bytes:
 
 
 def _output_header(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
-    packed = b"".join(_varint(d) for d in shape)
+    packed = b"".join(_varint_bytes(d) for d in shape)
     tensor = _string(1, name) + _string(2, datatype) + (_field(3, packed) if packed else b"")
     return _field(5, tensor)
 
@@ -221,5 +211,5 @@ def infer_response(
         parts.append(_headers.get_or((name, datatype, array.shape), _output_header))
         arrays.append(data)
     for data in arrays:  # each array's bytes copied once, into the answer
-        parts += [_RAW_OUTPUT_TAG, _varint(data.nbytes), data.data]
+        parts += [_RAW_OUTPUT_TAG, _varint_bytes(data.nbytes), data.data]
     return b"".join(parts)
