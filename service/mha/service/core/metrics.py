@@ -102,8 +102,6 @@ class _HistogramChild(_Child):
 class _Light:
     """A labelled family of one kind, its children read at scrape time (LightCollector)."""
 
-    kind = ""
-
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self.name = name
         self.documentation = documentation
@@ -132,25 +130,22 @@ class _Light:
 
 
 class LightCounter(_Light):
+    child_type: type[_CounterChild] = _CounterChild
+    family_type: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily
+
     def _new_child(self) -> _CounterChild:
-        return _CounterChild()
+        return self.child_type()
 
     def family(self) -> Metric:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self.family_type(self.name, self.documentation, labels=self.labelnames)
         for values, child in self.children():
             family.add_metric(list(values), child.value)
         return family
 
 
-class LightGauge(_Light):
-    def _new_child(self) -> _GaugeChild:
-        return _GaugeChild()
-
-    def family(self) -> Metric:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self.children():
-            family.add_metric(list(values), child.value)
-        return family
+class LightGauge(LightCounter):
+    child_type = _GaugeChild
+    family_type = GaugeMetricFamily
 
 
 class LightHistogram(_Light):
