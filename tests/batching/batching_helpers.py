@@ -6,6 +6,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -132,3 +133,21 @@ def make_job(
         mask[b] = True
     inputs["key_padding_mask"] = mask
     return InferenceJob(request_id=request_id, inputs=inputs, outputs=outputs, deadline=deadline)
+
+
+def answers_behind_a_held_run(scheduler: Any, runner: CountingRunner, jobs: Sequence) -> list:
+    """The first job's run held in the runner, the rest submitted behind it, then released;
+    every job's result, the scheduler closed (no timing: the hold is an event)."""
+
+    async def main() -> list:
+        runner.hold()
+        first = asyncio.create_task(scheduler.submit(jobs[0]))
+        await runner.entered()
+        rest = [asyncio.create_task(scheduler.submit(job)) for job in jobs[1:]]
+        await asyncio.sleep(0)  # let every submit reach the queue
+        runner.release()
+        results = await asyncio.gather(first, *rest)
+        await scheduler.close()
+        return results
+
+    return asyncio.run(main())

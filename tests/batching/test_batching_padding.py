@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
-from batching_helpers import CountingRunner, make_job
+from batching_helpers import CountingRunner, answers_behind_a_held_run, make_job
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,18 +104,7 @@ def test_length_mix_stays_within_the_padding_cap(models) -> None:
         runner, options, self_attention=True, metrics=metrics, labels=("m", "1")
     )
 
-    async def main() -> list:
-        runner.hold()
-        first = asyncio.create_task(scheduler.submit(jobs[0]))
-        await runner.entered()
-        rest = [asyncio.create_task(scheduler.submit(job)) for job in jobs[1:]]
-        await asyncio.sleep(0)
-        runner.release()
-        results = await asyncio.gather(first, *rest)
-        await scheduler.close()
-        return results
-
-    results = asyncio.run(main())
+    results = answers_behind_a_held_run(scheduler, runner, jobs)
     # These jobs pad nothing themselves, so a run's masked fraction is its padding fraction.
     assert max(runner.masked) <= 0.25
     assert max(runner.samples) <= 8 and sum(runner.samples) == 41

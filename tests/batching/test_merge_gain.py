@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
-from batching_helpers import CountingRunner, make_job
+from batching_helpers import CountingRunner, answers_behind_a_held_run, make_job
 
 from mha.service.core.batching import BatchingOptions, BatchingScheduler
 from mha.service.core.scheduling import MergeGain
@@ -81,18 +79,7 @@ def run_queued(models, merge_pays: bool) -> list[int]:
     scheduler.gain.ran(0.5e-3 if merge_pays else 2e-3, 1_000, jobs=2)
     scheduler.gain.ran = lambda *_: None  # type: ignore[method-assign]  # figures stay put
 
-    async def main() -> list:
-        runner.hold()
-        first = asyncio.create_task(scheduler.submit(jobs[0]))
-        await runner.entered()
-        rest = [asyncio.create_task(scheduler.submit(job)) for job in jobs[1:]]
-        await asyncio.sleep(0)
-        runner.release()
-        results = await asyncio.gather(first, *rest)
-        await scheduler.close()
-        return results
-
-    results = asyncio.run(main())
+    results = answers_behind_a_held_run(scheduler, runner, jobs)
     for job, result in zip(jobs, results, strict=True):
         alone = model.run(job.inputs, job.outputs)["output"]
         np.testing.assert_allclose(result.outputs["output"], alone, atol=1e-5, rtol=0)
