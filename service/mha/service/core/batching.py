@@ -53,10 +53,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
@@ -102,33 +101,6 @@ class BatchingOptions:
             )
 
 
-class RunShaper(Protocol):
-    """How jobs of one kind of model share a session run: who fits with whom, merge, split.
-
-    padding.AttentionRuns serves stateless attention models; decoding.StepRuns the steps of
-    sequence models.
-    """
-
-    def shape(self, inputs: Mapping[str, np.ndarray]) -> padding.Shape: ...
-
-    def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple: ...
-
-    def fraction(self, shapes: Sequence[padding.Shape]) -> float: ...
-
-    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> padding.Merged: ...
-
-    def split(
-        self,
-        outputs: Mapping[str, np.ndarray],
-        jobs: Sequence[Mapping[str, np.ndarray]],
-        asked: Sequence[Sequence[str]],
-        spans: Sequence[tuple[int, int]],
-    ) -> list[dict[str, np.ndarray]]: ...
-
-    def release(self, merged: padding.Merged) -> None:
-        """The run is over and split: merged's buffers may be reused."""
-
-
 @dataclass(eq=False)
 class _Pending:
     """A queued job and the future its submit() awaits."""
@@ -163,7 +135,7 @@ class BatchingScheduler:
         metrics: Metrics | None = None,
         labels: tuple[str, str] = ("", ""),
         executor: Executor | None = None,
-        runs: RunShaper | None = None,
+        runs: padding.RunShaper | None = None,
         inline_under_s: float = 0.0,
     ) -> None:
         self._runner = runner
@@ -171,7 +143,7 @@ class BatchingScheduler:
         self.gain = MergeGain()  # whether merged runs pay here (runs' own measurements)
         self._options = options
         self._self_attention = self_attention
-        self._runs: RunShaper = runs or padding.AttentionRuns(self_attention)
+        self._runs: padding.RunShaper = runs or padding.AttentionRuns(self_attention)
         self._metrics = metrics
         self._labels = labels
         self._executor = executor

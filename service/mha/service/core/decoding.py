@@ -75,7 +75,7 @@ def _lengths(inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
 
 
 class StepRuns:
-    """How decode steps share a session run (batching.RunShaper for sequence models).
+    """How decode steps share a session run (padding.RunShaper for sequence models).
 
     Merges may run in several executor threads at once (runs in flight > 1): each takes a
     scratch of its own from the free list and gives it back in release().

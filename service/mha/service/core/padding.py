@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -246,3 +247,30 @@ class AttentionRuns:
 
     def release(self, merged: Merged) -> None:
         return None
+
+
+class RunShaper(Protocol):
+    """How jobs of one kind of model share a session run: who fits with whom, merge, split.
+
+    AttentionRuns serves stateless attention models; decoding.StepRuns the steps of
+    sequence models.
+    """
+
+    def shape(self, inputs: Mapping[str, np.ndarray]) -> Shape: ...
+
+    def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple: ...
+
+    def fraction(self, shapes: Sequence[Shape]) -> float: ...
+
+    def merge(self, jobs: Sequence[Mapping[str, np.ndarray]]) -> Merged: ...
+
+    def split(
+        self,
+        outputs: Mapping[str, np.ndarray],
+        jobs: Sequence[Mapping[str, np.ndarray]],
+        asked: Sequence[Sequence[str]],
+        spans: Sequence[tuple[int, int]],
+    ) -> list[dict[str, np.ndarray]]: ...
+
+    def release(self, merged: Merged) -> None:
+        """The run is over and split: merged's buffers may be reused."""
