@@ -34,20 +34,21 @@ async def _burst(port: int) -> Counter[str]:
         return Counter(await asyncio.gather(*(one() for _ in range(CALLS))))
 
 
-def test_a_burst_on_one_connection_is_never_cancelled(repository: Path):
-    server = RunningServer(settings_for(repository, max_concurrent_rpcs=0)).load()
+def _burst_answers(repository: Path, max_concurrent_rpcs: int) -> Counter:
+    server = RunningServer(settings_for(repository, max_concurrent_rpcs=max_concurrent_rpcs))
+    server.load()
     try:
-        answers = asyncio.run(_burst(server.port))
+        return asyncio.run(_burst(server.port))
     finally:
         server.close()
+
+
+def test_a_burst_on_one_connection_is_never_cancelled(repository: Path):
+    answers = _burst_answers(repository, max_concurrent_rpcs=0)
     assert answers == Counter({"OK": CALLS})
 
 
 def test_past_the_rpc_limit_calls_are_refused_saying_so(repository: Path):
-    server = RunningServer(settings_for(repository, max_concurrent_rpcs=8)).load()
-    try:
-        answers = asyncio.run(_burst(server.port))
-    finally:
-        server.close()
+    answers = _burst_answers(repository, max_concurrent_rpcs=8)
     assert set(answers) <= {"OK", "RESOURCE_EXHAUSTED: Concurrent RPC limit exceeded!"}, answers
     assert answers["OK"] >= 8
