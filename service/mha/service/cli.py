@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     """Build the settings, configure logs, serve until SIGTERM/SIGINT; return 0."""
     # Imported here, not at the top: `mha serve --help` should not pay for ONNX Runtime.
     from mha.cli import CliError
-    from mha.service.core import logs
+    from mha.service.core import logs, memory
     from mha.service.core.errors import StartupError
     from mha.service.grpc import server
 
@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CliError(str(err)) from None
     logs.configure(settings.log_level, settings.log_format)
+    if settings.freed_heap == "keep":  # process-wide, so here and not in Server
+        memory.keep_freed_heap(os.environ)
     try:
         asyncio.run(server.serve(settings))
     except (StartupError, OSError) as err:

@@ -1,16 +1,22 @@
-"""Resident memory: give freed heap back to the system once the server is idle.
+"""Resident memory: keep freed heap for reuse while busy, give it back once idle.
 
-Large requests (a 64 MiB message passes through gRPC's buffer, a Python bytes object and the
-parsed message) leave glibc's heaps with free memory it keeps resident: each thread that
-allocated has its own arena, and after a large chunk is freed glibc raises its mmap threshold,
-so the next large buffers come from those arenas too. Resident memory then stays at the
-burst's high-water mark. `malloc_trim(0)` returns every arena's free pages; it is called when
-the server has been idle for IDLE_SECONDS and resident memory grew by GROWTH_BYTES since the
-last trim (so a steady load never pays for it, and an idle server does not trim in a loop).
-Forcing large buffers to mmap instead (M_MMAP_THRESHOLD) was not chosen: fresh pages cost a
-page fault each, and on the machine measured that made a 32 MB copy 24-40x slower. Nor the
-opposite, glibc keeping freed heap for reuse under load: faster at steady large requests, but
-a burst's high-water mark stays (docs/performance.md, "What did not pay").
+Every large request passes through several buffers of its size (gRPC's, the bytes object of
+the message, the answer, gRPC's copy of it). glibc serves a buffer over its mmap threshold
+with a fresh mapping, one page fault per 4 KiB touched, and returns the top of a heap to the
+system once more than its trim threshold is free there; its dynamic thresholds follow the
+largest chunk freed so far, so under steady large requests buffers keep coming back fresh.
+With --freed-heap keep (the default, `keep_freed_heap`) buffers up to MMAP_THRESHOLD come
+from the heap and up to TRIM_THRESHOLD of free heap stays for the next request: (8,128)
+requests (2 MiB in and out) faulted 37-96 pages instead of ~2,950 with --no-compute, which
+answered 2.4x the requests a second, and the full server 1.06x (docs/performance.md).
+`--freed-heap return` leaves glibc's defaults.
+
+Freed heap that stays resident is given back when the server is idle (`Trimmer`):
+`malloc_trim(0)` returns every arena's free pages; it is called when the server has been idle
+for IDLE_SECONDS and resident memory grew by GROWTH_BYTES since the last trim (so a steady
+load never pays for it, and an idle server does not trim in a loop). Forcing large buffers to
+mmap instead (a low M_MMAP_THRESHOLD) was not chosen: on the machine measured that made a
+32 MB copy 24-40x slower (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 0.5
 GROWTH_BYTES = 32 * 1024 * 1024
+MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest on 64-bit (HEAP_MAX_SIZE / 2)
+TRIM_THRESHOLD = 256 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -37,17 +47,44 @@ def resident_bytes() -> int:
         return 0
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """A glibc function by name, or None where the C library lacks it (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        function = ctypes.CDLL(library)[name]
+    except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_size_t]
+    function.argtypes = list(argtypes)
     function.restype = ctypes.c_int
     return function  # type: ignore[no-any-return]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim", ctypes.c_size_t)
+
+
+def keep_freed_heap(environ: Mapping[str, str]) -> bool:
+    """Have glibc serve buffers up to MMAP_THRESHOLD from the heap and keep up to
+    TRIM_THRESHOLD of it free for reuse (process-wide). False, changing nothing, where the
+    C library is not glibc or the environment already tunes glibc's malloc (its variables
+    win: an operator who set them meant them)."""
+    tuned = [name for name in _MALLOC_VARIABLES if name in environ]
+    if "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        tuned.append("GLIBC_TUNABLES")
+    if tuned:
+        log.info("freed heap: left to the environment's %s", ", ".join(tuned))
+        return False
+    mallopt = _libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
+        log.info("freed heap: not glibc, its malloc keeps its own thresholds")
+        return False
+    # mallopt returns 1 on success; the trim threshold goes first, as setting the mmap
+    # threshold by hand also ends glibc's adjusting of both.
+    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )
 
 
 class Trimmer:

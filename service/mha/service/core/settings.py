@@ -16,6 +16,7 @@ from typing import Any
 MIB = 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
+FREED_HEAP = ("keep", "return")  # core.memory
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,13 @@ class Settings:
     auth_token_file: Path | None = None  # accepted bearer tokens, one a line
     health_port: int | None = None  # a plaintext port serving grpc.health.v1 only
     health_port_file: Path | None = None  # write the bound health port here (port 0)
+    freed_heap: str = "keep"  # keep: reused while busy, trimmed when idle (core.memory)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.freed_heap not in FREED_HEAP:
+            raise ValueError(f"freed heap must be keep or return, got {self.freed_heap!r}")
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log format must be text or json, got {self.log_format!r}")
         if not 0 <= self.port <= 65535:
@@ -212,6 +216,9 @@ SPECS: tuple[Spec, ...] = (
          "a plaintext port serving grpc.health.v1 only, for probes (off = none)"),
     Spec("health_port_file", "MHA_HEALTH_PORT_FILE", Path,
          "write the bound health port to this file (before the gRPC port file)"),
+    Spec("freed_heap", "MHA_FREED_HEAP", str,
+         "keep: glibc reuses freed heap while busy (fewer page faults on large requests), "
+         "trimmed once idle; return: glibc's own thresholds", FREED_HEAP),
 )  # fmt: skip
 
 _BOOLEAN_FIELDS = {"reflection", "batching", "no_compute"}
