@@ -163,6 +163,19 @@ def test_response_is_protobufs_bytes(model, version, request_id, outputs, parame
         assert written == message.SerializeToString()
 
 
+@settings(**FAST)
+@given(texts, texts, texts, st.dictionaries(texts, arrays, max_size=3), params)
+def test_stream_answer_is_protobufs_bytes(model, version, request_id, outputs, parameters):
+    written = wire.stream_infer_response(model, version, request_id, outputs, parameters)
+    message = codec.infer_response(model, version, request_id, outputs)
+    for key, value in parameters.items():
+        codec.set_parameter(message.parameters[key], value)
+    answer = pb.ModelStreamInferResponse(infer_response=message)
+    assert pb.ModelStreamInferResponse.FromString(written) == answer
+    if len(parameters) <= 1:
+        assert written == answer.SerializeToString()
+
+
 def test_response_parameter_out_of_int64_range_is_refused() -> None:
     with pytest.raises(ValueError, match="int64"):
         wire.infer_response("m", "1", "", {}, {"big": 1 << 63})

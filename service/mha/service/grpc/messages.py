@@ -114,14 +114,12 @@ def infer_response_bytes(response: InferResponse) -> bytes:
     )  # fmt: skip
 
 
-def infer_response(response: InferResponse) -> pb.ModelInferResponse:
-    """The ModelInferResponse: raw_output_contents, outputs in order, string parameters."""
-    message = codec.infer_response(
-        response.model_name, response.model_version, response.id, response.outputs
-    )
-    for name, value in response.parameters.items():
-        codec.set_parameter(message.parameters[name], value)
-    return message
+def stream_infer_response_bytes(response: InferResponse) -> bytes:
+    """The serialized ModelStreamInferResponse answering with it (ModelStreamInfer)."""
+    return wire.stream_infer_response(
+        response.model_name, response.model_version, response.id, response.outputs,
+        response.parameters,
+    )  # fmt: skip
 
 
 def model_metadata(spec: ModelSpec, versions: Sequence[int]) -> pb.ModelMetadataResponse:

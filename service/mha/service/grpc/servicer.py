@@ -35,10 +35,11 @@ EXTENSIONS = ("statistics", "sequence")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
-# Methods registered with their own Codec (Registrar): ModelInfer's request split from its
-# tensor bytes, its answer bytes written directly (mha.service.grpc.wire).
+# Methods registered with their own Codec (Registrar): ModelInfer's and ModelStreamInfer's
+# requests split from their tensor bytes, their answers written as bytes (mha.service.grpc.wire).
 CODECS: dict[str, Codec] = {
     "/inference.GRPCInferenceService/ModelInfer": (wire.split_infer_request, None),
+    "/inference.GRPCInferenceService/ModelStreamInfer": (wire.split_infer_request, None),
 }
 
 
@@ -122,8 +123,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return messages.infer_response_bytes(await self.plane.infer(decoded))
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterator[wire.SplitRequest | Undecodable], context: Any
+    ) -> AsyncIterator[bytes]:
         """Each request answered on the stream, in completion order; an error answers that
         request alone (error_message) and the stream stays open. Requests start in arrival
         order, so those of one sequence run in that order. The sequences a stream started

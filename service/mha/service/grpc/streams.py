@@ -2,10 +2,11 @@
 
 Each request becomes a task started in arrival order (so the requests of one sequence take
 their turns in that order, mha.service.core.sequences), its answer or its error goes on a
-queue, and the servicer writes the queue to the stream. A request's refusal answers that
-request in `error_message` ("<STATUS>: <message>", the status named as gRPC names it, since
-a stream response has no status field of its own); anything unexpected is answered with the
-fixed internal message and the request id, the traceback going to the log. When the client
+queue, and the servicer writes the queue to the stream. Requests are split and answers
+written as bytes, as ModelInfer's are (mha.service.grpc.wire). A request's refusal answers
+that request in `error_message` ("<STATUS>: <message>", the status named as gRPC names it,
+since a stream response has no status field of its own); anything unexpected is answered
+with the fixed internal message and the request id, the traceback going to the log. When the client
 ends its side, the answers still pending are written before the stream ends; when the
 client goes away, pending requests are cancelled. Either way the sequences the stream
 started are ended (their caches freed). A message that does not parse
@@ -25,6 +26,7 @@ from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages
 from mha.service.grpc.guard import Undecodable
+from mha.service.grpc.wire import SplitRequest
 
 log = logging.getLogger(__name__)
 _DONE = object()  # the request side ended and every answer is queued
@@ -41,8 +43,8 @@ class StreamAnswers:
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def run(
-        self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable]
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterator[SplitRequest | Undecodable]
+    ) -> AsyncIterator[bytes]:
         reader = asyncio.create_task(self._read(requests))
         try:
             while (answer := await self.answers.get()) is not _DONE:
@@ -58,7 +60,7 @@ class StreamAnswers:
         if ended:
             log.info("stream %s closed: %d sequence(s) ended with it", self.session, ended)
 
-    async def _read(self, requests: AsyncIterator[pb.ModelInferRequest | Undecodable]) -> None:
+    async def _read(self, requests: AsyncIterator[SplitRequest | Undecodable]) -> None:
         async for request in requests:
             if isinstance(request, Undecodable):  # answered alone; the stream goes on
                 answer = self._error(pb.ModelInferRequest(), f"INVALID_ARGUMENT: {request.message}")
@@ -70,27 +72,28 @@ class StreamAnswers:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.answers.put(_DONE)
 
-    async def _answer(self, request: pb.ModelInferRequest) -> None:
+    async def _answer(self, request: SplitRequest) -> None:
         request_id = request.id or logs.new_request_id()
         token = logs.request_id.set(request_id)
         try:
             decoded = messages.infer_request(request, None, self.session)
-            response = messages.infer_response(await self.plane.infer(decoded))
-            await self.answers.put(pb.ModelStreamInferResponse(infer_response=response))
+            answer = messages.stream_infer_response_bytes(await self.plane.infer(decoded))
+            await self.answers.put(answer)
         except ServiceError as err:
             log.info("ModelStreamInfer refused: %s %s", err.code.name, err.message)
-            await self.answers.put(self._error(request, f"{err.code.name}: {err.message}"))
+            await self.answers.put(self._error(request.message, f"{err.code.name}: {err.message}"))
         except Exception:
             log.exception("ModelStreamInfer failed unexpectedly")
             message = f"INTERNAL: {INTERNAL_MESSAGE}: {request_id}"
-            await self.answers.put(self._error(request, message))
+            await self.answers.put(self._error(request.message, message))
         finally:
             logs.request_id.reset(token)
 
     @staticmethod
-    def _error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    def _error(request: pb.ModelInferRequest, message: str) -> bytes:
         # The response names the request it answers, so a client can correlate the error.
         response = pb.ModelInferResponse(
             model_name=request.model_name, model_version=request.model_version, id=request.id
         )
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+        answer = pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+        return answer.SerializeToString()

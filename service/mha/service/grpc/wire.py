@@ -10,7 +10,8 @@ memoryviews into the received bytes.
 The answer goes the other way: `infer_response` writes a ModelInferResponse's bytes
 directly, each output's array joined in once, instead of copying it into an array's bytes,
 then a message, then the serialized message. Its bytes are what protobuf would write for the
-same message (tests/service/test_wire.py compares them).
+same message (tests/service/test_wire_encoding.py compares them). `stream_infer_response`
+wraps the same bytes as a ModelStreamInferResponse, for ModelStreamInfer.
 
 Anything the walk does not expect (a truncated field, a group, a length past the end) is
 left to protobuf: the message is parsed whole and protobuf's own verdict stands, so what is
@@ -125,6 +126,7 @@ def _varint_bytes(value: int) -> bytes:
 
 _SMALL = [bytes((v,)) for v in range(0x80)]
 _RAW_OUTPUT_TAG = _varint_bytes(6 << 3 | _LEN)  # ModelInferResponse.raw_output_contents
+_STREAM_ANSWER_TAG = _varint_bytes(2 << 3 | _LEN)  # ModelStreamInferResponse.infer_response
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -196,6 +198,30 @@ def infer_response(
     parameters: Mapping[str, bool | int | str] | None = None,
 ) -> bytes:
     """A serialized ModelInferResponse: raw_output_contents, outputs in the given order."""
+    parts, _ = _response_parts(model, version, request_id, outputs, parameters)
+    return b"".join(parts)
+
+
+def stream_infer_response(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    parameters: Mapping[str, bool | int | str] | None = None,
+) -> bytes:
+    """A serialized ModelStreamInferResponse carrying that answer (no error_message)."""
+    parts, size = _response_parts(model, version, request_id, outputs, parameters)
+    return b"".join([_STREAM_ANSWER_TAG, _varint_bytes(size), *parts])
+
+
+def _response_parts(
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    parameters: Mapping[str, bool | int | str] | None,
+) -> tuple[list[bytes | memoryview], int]:
+    """A ModelInferResponse's parts in wire order, and their size in bytes."""
     # Each value's type in the key: False == 0 as a dict key, but not on the wire.
     items = tuple((k, type(v), v) for k, v in parameters.items()) if parameters else ()
     parts: list[bytes | memoryview] = [
@@ -210,6 +236,9 @@ def infer_response(
         data = np.ascontiguousarray(array, dtype=contract.DTYPES[datatype])
         parts.append(_headers.get_or((name, datatype, array.shape), _output_header))
         arrays.append(data)
+    size = sum(len(part) for part in parts)
     for data in arrays:  # each array's bytes copied once, into the answer
-        parts += [_RAW_OUTPUT_TAG, _varint_bytes(data.nbytes), data.data]
-    return b"".join(parts)
+        length = _varint_bytes(data.nbytes)
+        parts += [_RAW_OUTPUT_TAG, length, data.data]
+        size += len(_RAW_OUTPUT_TAG) + len(length) + data.nbytes
+    return parts, size
