@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +22,11 @@ QUICK_POINTS = {  # (contestant, prompt, sequences) of --quick
     ("recompute", 8, 1),
     ("batching-off", 8, 1),
     ("batching-off", 8, 4),
+    ("echo", 8, 1),
+    ("echo", 8, 4),
 }
 TABLES = ("decode figures", "KV cache vs recompute", "continuous batching on vs off",
-          "gRPC step vs the in-process ceiling", "same answers", "targets")  # fmt: skip
+          "gRPC step vs the protocol floor and the in-process ceiling", "same answers", "targets")  # fmt: skip
 
 
 def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:
@@ -37,7 +40,7 @@ def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:
     for p in points:
         assert p["tokens"] == 4 * p["sequences"] and p["tokens_per_s"] > 0, p
         assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] <= p["max_ms"], p
-        if p["server"] is not None:
+        if p["server"] not in (None, "echo"):  # the echo has no /metrics
             assert p["mean_batch"] >= 1, p
         if p["contestant"] in ("cached", "batching-off"):  # read while the sequences lived
             assert p["cache_bytes"] >= p["cache_rows_bytes"] > 0, p
@@ -46,9 +49,12 @@ def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:
     assert {a["pair"] for a in document["agreement"]} == {
         "cached vs recompute", "cached vs batching-off", "cached vs in-process",
     }  # fmt: skip
-    assert len(document["targets"]) == 2 and all(t["value"] > 0 for t in document["targets"])
+    # cache vs recompute, on vs off, then the floor's: x1 p50 and share of bound, x4 share
+    targets = document["targets"]
+    assert len(targets) == 5 and all(math.isfinite(t["value"]) for t in targets), targets
+    assert all(t["value"] > 0 for t in targets if "bound" in t["target"]), targets
     assert len(document["machine"]["loadavg_before"]) == 3
-    assert set(document["servers"]) == {"on", "off"}
+    assert set(document["servers"]) == {"on", "off", "echo"}
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     for title in TABLES:

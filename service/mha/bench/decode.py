@@ -10,6 +10,8 @@ falls on all of them alike:
   cached        batching on (continuous batching of steps), the step model, server-held cache
   recompute     the same server, the causal model, each step sends the whole prefix
   batching-off  `mha serve --no-batching`, the cached workload
+  echo          the bare echo (mha.bench.echo) answering each message of the cached
+                workload with prebuilt zeros of a step's answer: the protocol's floor
   in-process    session.run of the step graph in this process, its own cache, 1 sequence
 Figures, not a test: the machine may be shared, so bench.json records the load average
 before and after, and every target is a ratio of two contestants of the same run.
@@ -33,11 +35,11 @@ from mha.bench import arguments, decode_report, report
 from mha.bench.decode_load import Measured, Served, Workload, decode_in_process, decode_served
 from mha.bench.decode_models import DecodeModels, ensure_models
 from mha.bench.inprocess import make_session
-from mha.bench.servers import ServerFailed, ServerProcess, start_server
+from mha.bench.servers import ServerFailed, ServerProcess, start_echo, start_server
 from mha.client import ClientError
 from mha.errors import CliError
 
-CONTESTANTS = ("cached", "recompute", "batching-off", "in-process")
+CONTESTANTS = ("cached", "recompute", "batching-off", "echo", "in-process")
 SERVED = {"on": ("cached", "recompute"), "off": ("batching-off",)}  # server config -> contestants
 
 
@@ -195,6 +197,10 @@ class DecodeBench:
                 for contestant in chosen:
                     runners[contestant] = self._served(server, contestant)
                     places[contestant] = config
+            if "echo" in wanted:
+                print("starting the echo ...", file=sys.stderr, flush=True)
+                started["echo"] = start_echo(self.models.kv_dir, log_dir=log_dir)
+                runners["echo"], places["echo"] = self._served(started["echo"], "echo"), "echo"
             self._interleave(runners, places)
             for config, server in started.items():
                 self.servers[config] = {
@@ -251,18 +257,20 @@ class DecodeBench:
     ) -> Callable[[Workload, str], Measured]:
         cached = contestant != "recompute"
         model = self.models.kv if cached else self.models.full
-        how = Served(server.url, model, cached, server.metrics)
+        metrics = server.metrics if server.metrics_port else (lambda: "")  # the echo has none
+        how = Served(server.url, model, cached, metrics)
         width, seed = self.sizes.d_model, self.args.seed
         warm_up = Workload(min(self.sizes.prompts), 2, max(self.sizes.sequences))
         decode_served(how, warm_up, width, seed, f"{contestant}-warm-up")
         return lambda workload, tag: decode_served(how, workload, width, seed, tag)
 
     def agreement(self) -> list[dict[str, Any]]:
-        """Max |diff| of sequence 0's last output between cached and each other contestant."""
+        """Max |diff| of sequence 0's last output between cached and each other contestant
+        (the echo's zeros aside)."""
         found = []
         for (contestant, prompt), row in self.first_rows.items():
             cached = self.first_rows.get(("cached", prompt))
-            if contestant != "cached" and cached is not None:
+            if contestant not in ("cached", "echo") and cached is not None:
                 diff = float(np.abs(row.astype(np.float64) - cached).max())
                 found.append(
                     {"prompt": prompt, "pair": f"cached vs {contestant}", "max_abs_diff": diff}
@@ -311,8 +319,9 @@ def print_tables(document: dict[str, Any]) -> list[dict[str, Any]]:
     print("\nKV cache vs recompute\n" + recompute_text)
     batching_text, batching_targets = decode_report.batching_on_vs_off(points)
     print("\ncontinuous batching on vs off\n" + batching_text)
-    print("\ngRPC step vs the in-process ceiling\n" + decode_report.served_vs_in_process(points))
+    floor_text, floor_targets = decode_report.served_vs_floor(points)
+    print("\ngRPC step vs the protocol floor and the in-process ceiling\n" + floor_text)
     print("\nsame answers\n" + decode_report.agreement_table(document["agreement"]))
-    targets += batching_targets
+    targets += batching_targets + floor_targets
     print("\ntargets\n" + report.targets_table(targets))
     return targets

@@ -20,6 +20,8 @@ from mha.tables import markdown_table as table
 
 CACHE_VS_RECOMPUTE = 10.0  # cached tokens/s over recompute's, at the longest prompt
 BATCHING_ON_VS_OFF = 2.0  # continuous batching's tokens/s over batching off's, most sequences
+STEP_OVER_FLOOR_MS = 0.15  # serving's targets, for a step: p50 over echo + in-process
+SHARE_OF_BOUND = 0.9  # and tokens/s against the bound of the two
 MB = 1e6
 
 
@@ -152,32 +154,47 @@ def batching_on_vs_off(records: Sequence[Row]) -> tuple[str, list[Row]]:
     return table(headers, rows), targets
 
 
-def served_vs_in_process(records: Sequence[Row]) -> str:
-    """One sequence's step over gRPC as a multiple of the in-process step (no target)."""
-    rows = []
-    for local in (r for r in records if r["contestant"] == "in-process"):
-        served = find(records, contestant="cached", prompt=local["prompt"], sequences=1)
+def served_vs_floor(records: Sequence[Row]) -> tuple[str, list[Row]]:
+    """The cached step over gRPC against the protocol's floor (the echo's step) and the
+    in-process ceiling, with serving's targets (`mha bench serve`) where both were measured.
+
+    bound = 1 / (1/echo tokens/s + 1/in-process tokens/s): the protocol and the step's
+    compute one after the other on the same cores (the in-process step of one sequence, the
+    echo's at the point's sequences). Over = cached p50 - echo p50 - in-process p50, at one
+    sequence (with more, a step's latency includes the other sequences' turns).
+    """
+    rows, targets = [], []
+    for cached in (r for r in records if r["contestant"] == "cached"):
+        prompt, sequences = cached["prompt"], cached["sequences"]
+        echo = find(records, contestant="echo", prompt=prompt, sequences=sequences)
+        local = find(records, contestant="in-process", prompt=prompt, sequences=1)
+        if echo is None and local is None:
+            continue
+        rate, echo_rate, local_rate = (value(r, "tokens_per_s") for r in (cached, echo, local))
+        bound = 1 / (1 / echo_rate + 1 / local_rate)
+        over = cached["p50_ms"] - value(echo, "p50_ms") - value(local, "p50_ms")
         rows.append(
             [
-                local["prompt"],
-                local["p50_ms"],
-                value(served, "p50_ms"),
-                ratio(served, local, "p50_ms"),
-                local["tokens_per_s"],
-                value(served, "tokens_per_s"),
-                ratio(local, served, "tokens_per_s"),
+                prompt, sequences, value(echo, "p50_ms"), value(local, "p50_ms"),
+                cached["p50_ms"], over if sequences == 1 else None,
+                ratio(cached, local, "p50_ms") if sequences == 1 else None,
+                echo_rate, local_rate, bound, rate, rate / bound,
             ]
-        )
+        )  # fmt: skip
+        if echo is None or local is None:
+            continue
+        label = f"P={prompt} x{sequences}"
+        if sequences == 1:
+            name = f"{label}: step p50 <= echo + in-process + {STEP_OVER_FLOOR_MS:g} ms"
+            targets.append(target(name, over, STEP_OVER_FLOOR_MS, False))
+        name = f"{label}: tokens/s >= {SHARE_OF_BOUND:.0%} of bound"
+        targets.append(target(name, rate / bound, SHARE_OF_BOUND, True))
     headers = [
-        "P",
-        "in-process p50 ms",
-        "gRPC p50 ms",
-        "gRPC/in-process p50",
-        "in-process tokens/s",
-        "gRPC tokens/s",
-        "in-process/gRPC tokens/s",
-    ]
-    return table(headers, rows)
+        "P", "sequences", "echo p50 ms", "in-process p50 ms", "gRPC p50 ms",
+        "over echo + in-process ms", "gRPC/in-process p50", "echo tokens/s",
+        "in-process tokens/s", "bound tokens/s", "gRPC tokens/s", "of bound",
+    ]  # fmt: skip
+    return table(headers, rows), targets
 
 
 def agreement_table(agreement: Sequence[Row]) -> str:

@@ -22,6 +22,10 @@ it parses the request (ModelInferRequest.FromString) and builds and serializes a
 response around prebuilt zero bytes. That is the floor of a Python OIP server that uses the
 protobuf messages, and the breakdown in docs/performance.md measures it beside the bare one.
 
+ModelStreamInfer answers each message on the stream with the same bytes wrapped as a
+ModelStreamInferResponse (looked up by length the same way), in arrival order: the floor of
+`mha bench decode`'s steps, which ignores sequence parameters and keeps no cache.
+
 ServerLive, ServerReady, ModelReady and ModelMetadata answer too (from the model's mha.json),
 so clients set up as they do against `mha serve`.
 
@@ -35,7 +39,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -66,6 +70,7 @@ class Answers:
         outputs = {o.name: o.datatype for o in metadata.outputs}
         self.datatype = outputs.get(contract.OUTPUT, "FP32")
         self._by_length: dict[int, bytes] = {}
+        self._streamed_by_length: dict[int, bytes] = {}
 
     def answer(self, request: bytes) -> bytes:
         """The serialized response for a serialized ModelInferRequest."""
@@ -73,6 +78,15 @@ class Answers:
         if found is None:
             found = self.build(pb.ModelInferRequest.FromString(request))
             self._by_length[len(request)] = found
+        return found
+
+    def streamed(self, request: bytes) -> bytes:
+        """The serialized ModelStreamInferResponse carrying `answer(request)`."""
+        found = self._streamed_by_length.get(len(request))
+        if found is None:
+            inner = pb.ModelInferResponse.FromString(self.answer(request))
+            found = pb.ModelStreamInferResponse(infer_response=inner).SerializeToString()
+            self._streamed_by_length[len(request)] = found
         return found
 
     def build(self, request: pb.ModelInferRequest) -> bytes:
@@ -133,6 +147,15 @@ def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.
         except (DecodeError, ValueError, KeyError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"echo: {err}")
 
+    async def stream_infer(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            try:
+                yield answers.streamed(request)
+            except (DecodeError, ValueError, KeyError) as err:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"echo: {err}")
+
     def named(request: bytes) -> bool:  # ModelMetadataRequest and ModelReadyRequest alike
         return pb.ModelMetadataRequest.FromString(request).name == metadata.name
 
@@ -147,6 +170,9 @@ def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.
     yes = pb.ServerReadyResponse(ready=True).SerializeToString()  # the same bytes as live=True
     methods = {
         "ModelInfer": _raw(infer),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            stream_infer, request_deserializer=None, response_serializer=None
+        ),
         "ServerLive": _raw(_constant(pb.ServerLiveResponse(live=True).SerializeToString())),
         "ServerReady": _raw(_constant(yes)),
         "ModelReady": _raw(model_ready),
