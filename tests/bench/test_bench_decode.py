@@ -25,8 +25,10 @@ QUICK_POINTS = {  # (contestant, prompt, sequences) of --quick
     ("echo", 8, 1),
     ("echo", 8, 4),
 }
-TABLES = ("decode figures", "KV cache vs recompute", "continuous batching on vs off",
-          "gRPC step vs the protocol floor and the in-process ceiling", "same answers", "targets")  # fmt: skip
+TABLES = (
+    "decode figures", "KV cache vs recompute", "continuous batching on vs off",
+    "gRPC step vs the protocol floor and the in-process ceiling", "same answers", "targets",
+)  # fmt: skip
 
 
 def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:

@@ -62,6 +62,6 @@ def test_kept_heap_faults_far_fewer_pages_than_glibcs_defaults(repository: Path,
     assert kept < returned / 4, f"keep {kept:.0f} vs return {returned:.0f} faults a request"
 
 
-def test_the_environments_malloc_variables_win(monkeypatch: pytest.MonkeyPatch):
+def test_the_environments_malloc_variables_win() -> None:
     assert not memory.keep_freed_heap({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert not memory.keep_freed_heap({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4096"})

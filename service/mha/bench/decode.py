@@ -120,7 +120,7 @@ def record(
     """One point of bench.json (fields: mha.bench.decode_report)."""
     steps_ms = np.array(measured.step_s) * 1e3
     p50, p90, p99, top = (float(np.percentile(steps_ms, q)) for q in (50, 90, 99, 100))
-    held = contestant != "recompute"  # what the cache rows of every sequence take
+    held = contestant not in ("recompute", "echo")  # what the cache rows of every sequence take
     rows_bytes = 2 * width * 4 * workload.context * workload.sequences if held else None
     prefill_ms = float(np.median(measured.prefill_s)) * 1e3 if measured.prefill_s else None
     return {

@@ -2,12 +2,12 @@
 
 The floor of any Python gRPC server on this machine, measured beside `mha serve`: one
 process, one asyncio loop, gRPC built as `mha serve` builds it (its channel options, the
-message limits among them, and its concurrent-RPC limit; --server-arg does not reach the
-echo), and one generic handler whose methods take and return raw bytes
-(request_deserializer=None, response_serializer=None): no protobuf work per call. A
-ModelInfer answer is a serialized ModelInferResponse whose "output" tensor has the request's
-query shape (B, L, E) in the model's float datatype (zeros, raw_output_contents): as many
-bytes as `mha serve` sends back.
+message limits among them, its concurrent-RPC limit and its default --freed-heap policy;
+--server-arg does not reach the echo), and one generic handler whose methods take and
+return raw bytes (request_deserializer=None, response_serializer=None): no protobuf work
+per call. A ModelInfer answer is a serialized ModelInferResponse whose "output" tensor has
+the request's query shape (B, L, E) in the model's float datatype (zeros,
+raw_output_contents): as many bytes as `mha serve` sends back.
 
 Reading the shape: answers are cached by the request's length in bytes. The first request
 of each length is parsed once for its query shape (the bench's warm-up does this) and its
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,6 +50,7 @@ from google.protobuf.message import DecodeError
 from mha import contract
 from mha.bench.plan import metadata_from_config, read_config
 from mha.proto import grpc_predict_v2_pb2 as pb
+from mha.service.core import memory
 from mha.service.core.settings import Settings
 
 # `mha serve`'s own options, so the two cannot drift apart; the module also loads ONNX
@@ -186,6 +188,8 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT; write the bound port to port_file once listening."""
     settings = Settings()
+    if settings.freed_heap == "keep":  # as `mha serve` does by default (core.memory)
+        memory.keep_freed_heap(os.environ)
     server = grpc.aio.server(
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,

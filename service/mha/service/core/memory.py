@@ -6,9 +6,10 @@ with a fresh mapping, one page fault per 4 KiB touched, and returns the top of a
 system once more than its trim threshold is free there; its dynamic thresholds follow the
 largest chunk freed so far, so under steady large requests buffers keep coming back fresh.
 With --freed-heap keep (the default, `keep_freed_heap`) buffers up to MMAP_THRESHOLD come
-from the heap and up to TRIM_THRESHOLD of free heap stays for the next request: (8,128)
-requests (2 MiB in and out) faulted 37-96 pages instead of ~2,950 with --no-compute, which
-answered 2.4x the requests a second, and the full server 1.06x (docs/performance.md).
+from the heap and up to TRIM_THRESHOLD of free heap stays at a heap's top for the next
+request: (8,128) requests (2 MiB in and out) faulted 77-148 pages instead of ~2,850 with
+--no-compute, which answered 2.7x the requests a second; the full server gained 0-6%, its
+faults settling under glibc's own thresholds too after a while (docs/performance.md).
 `--freed-heap return` leaves glibc's defaults.
 
 Freed heap that stays resident is given back when the server is idle (`Trimmer`):
@@ -16,7 +17,7 @@ Freed heap that stays resident is given back when the server is idle (`Trimmer`)
 for IDLE_SECONDS and resident memory grew by GROWTH_BYTES since the last trim (so a steady
 load never pays for it, and an idle server does not trim in a loop). Forcing large buffers to
 mmap instead (a low M_MMAP_THRESHOLD) was not chosen: on the machine measured that made a
-32 MB copy 24-40x slower (docs/performance.md).
+32 MB copy 24-40x slower.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ log = logging.getLogger(__name__)
 IDLE_SECONDS = 0.5
 GROWTH_BYTES = 32 * 1024 * 1024
 MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest on 64-bit (HEAP_MAX_SIZE / 2)
-TRIM_THRESHOLD = 256 * 1024 * 1024
+# glibc's own largest dynamic trim threshold (2 x its largest mmap threshold): malloc_trim
+# returns the main heap's free top but not a thread arena's, which stays up to this size.
+TRIM_THRESHOLD = 64 * 1024 * 1024
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 _MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -80,11 +83,19 @@ def keep_freed_heap(environ: Mapping[str, str]) -> bool:
     if mallopt is None:
         log.info("freed heap: not glibc, its malloc keeps its own thresholds")
         return False
-    # mallopt returns 1 on success; the trim threshold goes first, as setting the mmap
-    # threshold by hand also ends glibc's adjusting of both.
-    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+    # mallopt returns 1 on success; setting either threshold by hand also ends glibc's
+    # adjusting of both to the largest chunk freed.
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     )
+    if kept:
+        log.info(
+            "freed heap: kept for reuse (buffers up to %d MiB from the heap, up to %d MiB "
+            "free kept; trimmed when idle)", MMAP_THRESHOLD >> 20, TRIM_THRESHOLD >> 20,
+        )  # fmt: skip
+    else:
+        log.warning("freed heap: glibc refused the thresholds; its own stay")
+    return kept
 
 
 class Trimmer:
