@@ -34,7 +34,7 @@ def test_an_idle_server_trims_what_a_burst_of_large_requests_left(repository: Pa
     trimmer.run = observed  # type: ignore[method-assign]
     try:
         rng = np.random.default_rng(0)
-        query = rng.standard_normal((8, 512, 64)).astype(np.float32)  # 8 MiB a request
+        query = rng.standard_normal((8, 512, 64)).astype(np.float32)  # 1 MiB a request
         request = codec.infer_request("self", {"query": query})
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda _: server.stub.ModelInfer(request, timeout=120),
