@@ -8,9 +8,11 @@ largest chunk freed so far, so under steady large requests buffers keep coming b
 With --freed-heap keep (the default, `keep_freed_heap`) buffers up to MMAP_THRESHOLD come
 from the heap and up to TRIM_THRESHOLD of free heap stays at a heap's top for the next
 request: (8,128) requests (2 MiB in and out) faulted 77-148 pages instead of ~2,850 with
---no-compute, which answered 2.7x the requests a second; the full server gained 0-6%, its
-faults settling under glibc's own thresholds too after a while (docs/performance.md).
-`--freed-heap return` leaves glibc's defaults.
+--no-compute, which answered 2.7x the requests a second, and the full server answered
+96-104 req/s against 65-82 under glibc's own thresholds, whose fault rate depends on the
+process's history. The price is memory under bursts: about twice the resident memory
+while 600 large requests are in flight (docs/performance.md). `--freed-heap return` leaves
+glibc's defaults.
 
 Freed heap that stays resident is given back when the server is idle (`Trimmer`):
 `malloc_trim(0)` returns every arena's free pages; it is called when the server has been idle
