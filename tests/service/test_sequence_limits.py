@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from harness import RunningServer, link_repository, settings_for
 
 from mha.client import Client, ClientError, SequenceStep
-from mha.service.core.sequences import MIN_CAPACITY
+from mha.service.core.sequences import MIN_CAPACITY, CacheLayout, SequenceLimits, SequenceStore
 
 E = 64
 ONE_CACHE = 2 * MIN_CAPACITY * E * 4  # bytes of a new fp32 sequence's two buffers
@@ -78,6 +79,27 @@ def test_most_sequences(kv_repo: Path) -> None:
             )
     finally:
         server.close()
+
+
+def test_idle_eviction_finds_the_idle_sequences_whatever_their_order_of_use() -> None:
+    """The store keeps sequences least recently used first and its idle scan stops at the
+    first recent one: a sequence used again must move behind the others."""
+    store = SequenceStore(SequenceLimits(cache_bytes=1 << 30, max_sequences=8, idle_seconds=10))
+    layout = CacheLayout(E, np.dtype(np.float32), 64)
+
+    async def use(name: str, start: bool = False) -> None:
+        sequence = await store.enter(("kv", 1, name), layout, start=start, owner=None)
+        store.leave(sequence, end=False)
+
+    async def started_then_a_again() -> None:
+        for name in ("a", "b", "c"):
+            await use(name, start=True)
+        await use("a")
+
+    asyncio.run(started_then_a_again())
+    a = store.active[("kv", 1, "a")]
+    assert store.evict_idle(now=a.last_used + 10) == 2  # b and c: over 10 s; a: exactly 10
+    assert list(store.active) == [("kv", 1, "a")]
 
 
 def test_idle_sequence_is_evicted_and_its_next_request_is_told_why(kv_repo: Path) -> None:

@@ -114,6 +114,8 @@ class SequenceStore:
     def __init__(self, limits: SequenceLimits, metrics: Metrics | None = None) -> None:
         self.limits = limits
         self.metrics = metrics
+        # Least recently used first: a sequence moves to the end whenever it is left, so the
+        # idle ones are found at the front without visiting every active sequence.
         self.active: dict[SequenceKey, Sequence] = {}
         self.used_bytes = 0
         self._evicted: collections.OrderedDict[SequenceKey, Eviction] = collections.OrderedDict()
@@ -156,6 +158,8 @@ class SequenceStore:
     def _leave_lock(self, sequence: Sequence) -> None:
         sequence.users -= 1
         sequence.last_used = time.monotonic()
+        if self.active.get(sequence.key) is sequence:
+            self.active[sequence.key] = self.active.pop(sequence.key)  # now the most recent
         sequence.lock.release()
 
     def make_room(self, sequence: Sequence, tokens: int) -> None:
@@ -190,10 +194,12 @@ class SequenceStore:
     def evict_idle(self, now: float | None = None) -> int:
         """Evict the sequences idle past the timeout that no request holds; return how many."""
         now = time.monotonic() if now is None else now
-        idle = [
-            s for s in self.active.values()
-            if s.users == 0 and now - s.last_used > self.limits.idle_seconds
-        ]  # fmt: skip
+        idle = []
+        for s in self.active.values():  # least recently used first
+            if now - s.last_used <= self.limits.idle_seconds:
+                break  # every later one was used more recently
+            if s.users == 0:
+                idle.append(s)
         for sequence in idle:
             waited = now - sequence.last_used
             detail = (
