@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -11,8 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from harness import link_repository
 from service_helpers import RunningServer, random_inputs, settings_for
 
+from mha.client import Client, SequenceStep
 from mha.model import AttentionConfig, seeded_model
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.core import logs
@@ -37,6 +40,31 @@ def test_no_compute_answers_zeros_of_the_right_shapes(repository: Path):
         with pytest.raises(grpc.RpcError) as caught:
             server.stub.ModelInfer(codec.infer_request("cross", inputs))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.close()
+
+
+def test_no_compute_decodes_a_sequence_in_zeros(
+    exported: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A KV-cache model's prompt and steps answer zeros of their own lengths, the cache
+    growing by each request's rows as it would with compute."""
+    repository = link_repository(tmp_path, exported, {"kv": {"target": "ort", "kv_cache": True}})
+    server = RunningServer(settings_for(repository, no_compute=True)).load()
+    try:
+        rng, rows = np.random.default_rng(0), 0
+        with Client(server.url) as client:
+            for count, step in ((8, SequenceStep(3, start=True)), (1, SequenceStep(3)),
+                                (2, SequenceStep(3, end=True))):  # fmt: skip
+                query = rng.standard_normal((1, count, 64)).astype(np.float32)
+                answer = client.infer("kv", {"query": query}, sequence=step).outputs["output"]
+                assert answer.shape == (1, count, 64) and not answer.any()
+                rows += count
+                held = server.server.plane.sequences.active.get(("kv", 1, 3))
+                if step.end:
+                    assert held is None  # ended with its last request
+                else:
+                    assert held is not None and held.length == rows
     finally:
         server.close()
 

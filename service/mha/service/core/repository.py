@@ -111,10 +111,14 @@ class ModelSpec:
 
         sizes: B, L and S for a stateless model; B, T, P and C (= P + T) for a step graph.
         """
+        return tuple(d if isinstance(d, int) else int(sizes[d]) for d in self.axes_of(name))
+
+    def axes_of(self, name: str) -> tuple[str | int, ...]:
+        """One of this model's graph tensors: its fixed sizes, and its dynamic axes by name."""
         if self.sequence is not None:
             tensor = self.sequence.contract_tensors()[name]
-            return contract.concrete_shape(tensor, self.dims, False, sizes)
-        return contract.concrete_shape(contract.tensor(name), self.dims, self.self_attention, sizes)
+            return tuple(contract.symbolic_shape(tensor, self.dims, False))
+        return tuple(contract.symbolic_shape(contract.tensor(name), self.dims, self.self_attention))
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
