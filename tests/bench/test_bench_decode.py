@@ -88,3 +88,19 @@ def test_repeats_interleave_the_contestants(tmp_path: Path) -> None:
     assert workloads[0] == workloads[1] != workloads[2] == workloads[3]
     assert workloads[4:] == workloads[:4]
     assert [run["repeat"] for run in order] == [0] * 4 + [1] * 4
+
+
+def test_refused_requests_are_sent_again_and_counted(tmp_path: Path) -> None:
+    """UNAVAILABLE from admission is retryable: the run goes on and counts the refusals.
+    With every run in the executor (so requests overlap) and a 1 us queue-delay limit, the
+    four sequences' overlapping prefills and steps are refused and sent again."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick",
+               "--contestants", "cached", "--server-arg=--inline-runs-under-us=0",
+               "--server-arg=--max-queue-delay-ms=0.001", "--out", str(out),
+               "--no-plot"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    points = json.loads((out / "bench.json").read_text())["points"]
+    assert all(p["tokens"] == 4 * p["sequences"] for p in points), points
+    assert sum(p["refused"] for p in points) > 0, points

@@ -44,6 +44,18 @@ def test_the_first_answer_gives_the_first_measure():
     assert admission.expected_wait() == pytest.approx(0.1)
 
 
+def test_a_limit_under_a_millisecond_is_named_as_set():
+    clock = Clock()
+    admission = Admission(0.00002, clock)  # 0.02 ms
+    first = admission.admit("first", 100, None)
+    clock.now += 0.1
+    first.__exit__(None)  # 1000 units a second
+    admission.admit("ahead", 1, None)  # 1 ms ahead
+    with pytest.raises(QueueDelay) as caught:
+        admission.admit("late", 1, None)
+    assert "expected queue time 1 ms is over the limit of 0.02 ms" in str(caught.value)
+
+
 def test_nothing_is_refused_before_a_rate_is_measured():
     admission = Admission(0.001, Clock())
     tickets = [admission.admit(str(i), 10**9, None) for i in range(10)]
@@ -124,7 +136,7 @@ def test_a_server_refuses_at_once_while_its_backlog_is_too_long(repository: Path
                 server.stub.ModelInfer(request, timeout=60)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "expected queue time" in caught.value.details()
-            assert "over the limit of 0 ms" in caught.value.details()
+            assert "over the limit of 0.001 ms" in caught.value.details()
             release.set()
             assert codec.response_arrays(first.result(60))["output"].shape == (2, 5, 64)
         holding.clear()

@@ -141,6 +141,7 @@ def record(
         "padding_fraction": measured.server.get("padding_fraction"),
         "cache_bytes": measured.server.get("cache_bytes"),
         "cache_rows_bytes": rows_bytes,
+        "refused": measured.refused,  # UNAVAILABLE refusals sent again (decode_load)
     }
 
 
@@ -172,9 +173,10 @@ class DecodeBench:
         point = record(contestant, server, workload, measured, self.sizes.d_model)
         self.records.append(point)
         self.first_rows.setdefault((contestant, workload.prompt), measured.first_row)
+        refused = f"  {measured.refused} refusals sent again" if measured.refused else ""
         print(
             f"{contestant:<12} {workload.label:<12} {point['tokens_per_s']:9.1f} tokens/s  "
-            f"step p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms",
+            f"step p50 {point['p50_ms']:.2f} ms  p99 {point['p99_ms']:.2f} ms{refused}",
             file=sys.stderr,
             flush=True,
         )

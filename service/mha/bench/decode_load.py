@@ -11,6 +11,10 @@ ways:
              holds the keys and values (Triton's sequence parameters).
   recompute  the stateless causal model: step k sends the whole prefix [1, P + k, E] and
              keeps the last row, which is what serving without a cache costs.
+A request the server refuses with UNAVAILABLE (admission: its queue would wait too long,
+e.g. 32 prefills of 1,024 tokens at once) is sent again after a growing pause, as the
+refusal asks, up to RETRIES times; its time counts the wait, and the run counts the
+refusals (`refused`). Any other error ends the run.
 In process: the step graph through session.run in this process with its own numpy cache,
 one sequence: what a step costs without the wire, the server and its batcher.
 """
@@ -26,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import numpy as np
 
 from mha import contract
@@ -36,6 +41,8 @@ from mha.service.core import decoding
 
 CACHE_BYTES = re.compile(r"^mha_sequence_cache_bytes (\S+)$", re.MULTILINE)
 DTYPE = np.dtype(np.float32)  # the benchmark's models are fp32
+RETRIES = 20  # UNAVAILABLE refusals of one request sent again
+RETRY_PAUSE_S = 0.05  # times the attempt number
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,7 @@ class Measured:
     prefill_s: list[float]  # each sequence's prompt request (none for recompute)
     first_row: np.ndarray  # sequence 0's last output row [E]
     server: dict[str, Any] = field(default_factory=dict)  # figures read from /metrics
+    refused: int = 0  # UNAVAILABLE refusals sent again
 
     @property
     def tokens(self) -> int:
@@ -97,6 +105,7 @@ class Measured:
             [t for r in runs for t in r.prefill_s],
             runs[0].first_row,
             server,
+            sum(r.refused for r in runs),
         )
 
 
@@ -126,13 +135,30 @@ def server_counters(how: Served) -> dict[str, float]:
     }
 
 
+class Refusals:
+    """UNAVAILABLE refusals met by one run's requests (each sent again)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 async def _exchange(
-    stream: AsyncStream, model: str, query: np.ndarray, sequence: SequenceStep | None
+    stream: AsyncStream,
+    model: str,
+    query: np.ndarray,
+    sequence: SequenceStep | None,
+    refusals: Refusals,
 ) -> tuple[np.ndarray, float]:
     """Send one request and wait for its answer: (the last output row [E], seconds)."""
     began = time.perf_counter()
-    await stream.send(model, {contract.QUERY: query}, sequence=sequence)
-    answer = await stream.receive()
+    for attempt in range(1, RETRIES + 2):
+        await stream.send(model, {contract.QUERY: query}, sequence=sequence)
+        answer = await stream.receive()
+        error = answer.error
+        if error is None or error.code != grpc.StatusCode.UNAVAILABLE or attempt > RETRIES:
+            break
+        refusals.count += 1  # refused before any compute: the sequence is unchanged
+        await asyncio.sleep(RETRY_PAUSE_S * attempt)
     seconds = time.perf_counter() - began
     if answer.error is not None:
         raise answer.error
@@ -141,7 +167,12 @@ async def _exchange(
 
 
 async def _decode_steps(
-    stream: AsyncStream, how: Served, tokens: np.ndarray, workload: Workload, sequence_id: str
+    stream: AsyncStream,
+    how: Served,
+    tokens: np.ndarray,
+    workload: Workload,
+    sequence_id: str,
+    refusals: Refusals,
 ) -> tuple[list[float], np.ndarray]:
     """One sequence's steps in a closed loop; step k adds token P + k - 1."""
     seconds, row = [], np.zeros(0, DTYPE)
@@ -152,7 +183,7 @@ async def _decode_steps(
             control = SequenceStep(sequence_id)
         else:
             query = tokens[:, : workload.prompt + k]
-        row, took = await _exchange(stream, how.model, query, control)
+        row, took = await _exchange(stream, how.model, query, control, refusals)
         seconds.append(took)
     return seconds, row
 
@@ -177,11 +208,14 @@ async def _decode_served(
     how: Served, workload: Workload, tokens: list[np.ndarray], tag: str
 ) -> Measured:
     ids = [f"{tag}-{i}" for i in range(len(tokens))]
+    refusals = Refusals()
     async with AsyncClient(how.url, timeout=None) as client, _streams(client, len(ids)) as streams:
         prefill: list[float] = []
         if how.cached:
             prompts = [
-                _exchange(s, how.model, t[:, : workload.prompt], SequenceStep(i, start=True))
+                _exchange(
+                    s, how.model, t[:, : workload.prompt], SequenceStep(i, start=True), refusals
+                )
                 for s, t, i in zip(streams, tokens, ids, strict=True)
             ]
             prefill = [took for _, took in await asyncio.gather(*prompts)]
@@ -189,7 +223,7 @@ async def _decode_served(
         started = time.perf_counter()
         runs = await asyncio.gather(
             *(
-                _decode_steps(s, how, t, workload, i)
+                _decode_steps(s, how, t, workload, i, refusals)
                 for s, t, i in zip(streams, tokens, ids, strict=True)
             )
         )
@@ -200,7 +234,7 @@ async def _decode_served(
         "cache_bytes": after["cache_bytes"] if how.cached else None,
     }
     steps = [t for step_s, _ in runs for t in step_s]
-    return Measured(steps, seconds, prefill, runs[0][1], server)
+    return Measured(steps, seconds, prefill, runs[0][1], server, refusals.count)
 
 
 def decode_served(how: Served, workload: Workload, width: int, seed: int, tag: str) -> Measured:

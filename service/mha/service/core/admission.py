@@ -27,6 +27,12 @@ WINDOW_ANSWERS = 4  # and at least this many answers
 SMOOTHING = 0.3  # weight of the newest window
 
 
+def _ms(seconds: float) -> str:
+    """Milliseconds, whole from 1 ms up, three significant digits below (0.0123 ms)."""
+    ms = seconds * 1e3
+    return f"{ms:.0f} ms" if ms >= 1 else f"{ms:.3g} ms"
+
+
 def _subject(request_id: str) -> str:
     return f"request {request_id!r}: " if request_id else ""
 
@@ -74,8 +80,8 @@ class Admission:
         wait = self.expected_wait()
         if self.max_delay_s > 0 and wait > self.max_delay_s:
             raise QueueDelay(
-                f"{_subject(request_id)}expected queue time {wait * 1e3:.0f} ms is over the "
-                f"limit of {self.max_delay_s * 1e3:.0f} ms ({self.requests} requests ahead); "
+                f"{_subject(request_id)}expected queue time {_ms(wait)} is over the "
+                f"limit of {_ms(self.max_delay_s)} ({self.requests} requests ahead); "
                 f"retry later or on another replica"
             )
         now = self.clock()
