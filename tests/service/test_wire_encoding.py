@@ -166,7 +166,7 @@ def test_response_is_protobufs_bytes(model, version, request_id, outputs, parame
 @settings(**FAST)
 @given(texts, texts, texts, st.dictionaries(texts, arrays, max_size=3), params)
 def test_stream_answer_is_protobufs_bytes(model, version, request_id, outputs, parameters):
-    written = wire.stream_infer_response(model, version, request_id, outputs, parameters)
+    written = wire.infer_response(model, version, request_id, outputs, parameters, streamed=True)
     message = codec.infer_response(model, version, request_id, outputs)
     for key, value in parameters.items():
         codec.set_parameter(message.parameters[key], value)

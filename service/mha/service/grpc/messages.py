@@ -106,19 +106,12 @@ def infer_request(
     )
 
 
-def infer_response_bytes(response: InferResponse) -> bytes:
-    """The serialized ModelInferResponse, written directly (mha.service.grpc.wire)."""
+def infer_response_bytes(response: InferResponse, *, streamed: bool = False) -> bytes:
+    """The serialized ModelInferResponse, written directly (mha.service.grpc.wire); with
+    streamed=True the ModelStreamInferResponse carrying it (ModelStreamInfer)."""
     return wire.infer_response(
         response.model_name, response.model_version, response.id, response.outputs,
-        response.parameters,
-    )  # fmt: skip
-
-
-def stream_infer_response_bytes(response: InferResponse) -> bytes:
-    """The serialized ModelStreamInferResponse answering with it (ModelStreamInfer)."""
-    return wire.stream_infer_response(
-        response.model_name, response.model_version, response.id, response.outputs,
-        response.parameters,
+        response.parameters, streamed=streamed,
     )  # fmt: skip
 
 

@@ -77,7 +77,7 @@ class StreamAnswers:
         token = logs.request_id.set(request_id)
         try:
             decoded = messages.infer_request(request, None, self.session)
-            answer = messages.stream_infer_response_bytes(await self.plane.infer(decoded))
+            answer = messages.infer_response_bytes(await self.plane.infer(decoded), streamed=True)
             await self.answers.put(answer)
         except ServiceError as err:
             log.info("ModelStreamInfer refused: %s %s", err.code.name, err.message)

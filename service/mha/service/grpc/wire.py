@@ -10,8 +10,8 @@ memoryviews into the received bytes.
 The answer goes the other way: `infer_response` writes a ModelInferResponse's bytes
 directly, each output's array joined in once, instead of copying it into an array's bytes,
 then a message, then the serialized message. Its bytes are what protobuf would write for the
-same message (tests/service/test_wire_encoding.py compares them). `stream_infer_response`
-wraps the same bytes as a ModelStreamInferResponse, for ModelStreamInfer.
+same message (tests/service/test_wire_encoding.py compares them). With
+streamed=True it wraps the same bytes as a ModelStreamInferResponse, for ModelStreamInfer.
 
 Anything the walk does not expect (a truncated field, a group, a length past the end) is
 left to protobuf: the message is parsed whole and protobuf's own verdict stands, so what is
@@ -196,22 +196,15 @@ def infer_response(
     request_id: str,
     outputs: Mapping[str, np.ndarray],
     parameters: Mapping[str, bool | int | str] | None = None,
+    *,
+    streamed: bool = False,
 ) -> bytes:
-    """A serialized ModelInferResponse: raw_output_contents, outputs in the given order."""
-    parts, _ = _response_parts(model, version, request_id, outputs, parameters)
-    return b"".join(parts)
-
-
-def stream_infer_response(
-    model: str,
-    version: str,
-    request_id: str,
-    outputs: Mapping[str, np.ndarray],
-    parameters: Mapping[str, bool | int | str] | None = None,
-) -> bytes:
-    """A serialized ModelStreamInferResponse carrying that answer (no error_message)."""
+    """A serialized ModelInferResponse: raw_output_contents, outputs in the given order.
+    streamed=True: the ModelStreamInferResponse carrying it (no error_message)."""
     parts, size = _response_parts(model, version, request_id, outputs, parameters)
-    return b"".join([_STREAM_ANSWER_TAG, _varint_bytes(size), *parts])
+    if streamed:
+        parts[:0] = [_STREAM_ANSWER_TAG, _varint_bytes(size)]
+    return b"".join(parts)
 
 
 def _response_parts(
