@@ -101,7 +101,7 @@ def keep_freed_heap(environ: Mapping[str, str]) -> bool:
 
 
 class Trimmer:
-    """Decides when to trim; `maybe_trim` is called periodically with the idle time."""
+    """Decides when to trim: `due` is asked periodically with the idle time, `run` trims."""
 
     def __init__(self, growth_bytes: int = GROWTH_BYTES, idle_seconds: float = IDLE_SECONDS):
         self.growth_bytes = growth_bytes
