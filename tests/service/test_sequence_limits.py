@@ -97,8 +97,12 @@ def test_idle_eviction_finds_the_idle_sequences_whatever_their_order_of_use() ->
         await use("a")
 
     asyncio.run(started_then_a_again())
-    a = store.active[("kv", 1, "a")]
-    assert store.evict_idle(now=a.last_used + 10) == 2  # b and c: over 10 s; a: exactly 10
+    a, c = store.active[("kv", 1, "a")], store.active[("kv", 1, "c")]
+    assert a.last_used > c.last_used
+    # Halfway between c's and a's last use, plus the timeout: b and c are past it, a is not.
+    # (Not `a.last_used + 10`: that sum minus a.last_used can round to just over 10.)
+    now = (a.last_used + c.last_used) / 2 + 10
+    assert store.evict_idle(now=now) == 2
     assert list(store.active) == [("kv", 1, "a")]
 
 
