@@ -64,13 +64,36 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
 
 
 def add_weight_arguments(parser: argparse.ArgumentParser) -> None:
-    """Weight sources: seeded default, our safetensors, or a BERT-style checkpoint."""
+    """Weight sources: seeded default, our safetensors, a BERT-style file, or a Hugging Face
+    checkpoint folder."""
     weights = parser.add_argument_group("weights (default: embedded seeded weights)")
     source = weights.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help="safetensors written by mha (save())")
     source.add_argument("--bert", type=Path, help="BERT-style safetensors checkpoint")
+    source.add_argument(
+        "--hf",
+        type=Path,
+        metavar="DIR",
+        help="Hugging Face checkpoint folder (config.json, model.safetensors or its shard "
+        "index): GPT-2, BART, mBART, Marian, Whisper, BERT-style; sizes, heads, biases and "
+        "causality come from it",
+    )
+    weights.add_argument("--hf-layer", type=int, default=None, help="layer to take (default 0)")
+    weights.add_argument(
+        "--hf-attention",
+        choices=("self", "cross"),
+        default=None,
+        help="the layer's self-attention (causal in a decoder; default) or a decoder "
+        "layer's encoder-decoder attention",
+    )
+    weights.add_argument(
+        "--hf-stack",
+        choices=("encoder", "decoder"),
+        default=None,
+        help="which stack of an encoder-decoder model (default: decoder)",
+    )
     weights.add_argument("--bert-layer", type=int, default=0, help="encoder layer to take")
-    weights.add_argument("--d-model", type=int, default=512)
+    weights.add_argument("--d-model", type=int, default=None, help="default 512")
     weights.add_argument(
         "--num-heads", type=int, default=None, help="default 8 (BERT: from config.json)"
     )
@@ -84,8 +107,9 @@ def options_from(args: argparse.Namespace):
     """ExportOptions from parsed flags (ValueError on bad combinations)."""
     from mha.export.options import ExportOptions
 
+    check_hf_flags(args)
     heads = args.num_heads
-    if heads is None and args.bert is None:
+    if heads is None and args.bert is None and args.hf is None:
         heads = 8
     external = {"auto": None, "always": True, "never": False}[args.external_data]
     return ExportOptions(
@@ -100,7 +124,11 @@ def options_from(args: argparse.Namespace):
         weights=args.weights,
         bert=args.bert,
         bert_layer=args.bert_layer,
-        d_model=args.d_model,
+        hf=args.hf,
+        hf_layer=args.hf_layer or 0,
+        hf_attention=args.hf_attention or "self",
+        hf_stack=args.hf_stack,
+        d_model=512 if args.d_model is None else args.d_model,
         num_heads=heads,
         kdim=args.kdim,
         vdim=args.vdim,
@@ -111,6 +139,48 @@ def options_from(args: argparse.Namespace):
         kv_cache=args.kv_cache,
         external_data=external,
     )
+
+
+def check_hf_flags(args: argparse.Namespace) -> None:
+    """ValueError for --hf-* flags without --hf, or flags that the checkpoint decides."""
+    if args.hf is None:
+        stray = [f for f in HF_CHOICES if getattr(args, f) is not None]
+        if stray:
+            flags = ", ".join("--" + f.replace("_", "-") for f in stray)
+            raise ValueError(f"{flags} choose a layer of a checkpoint: they need --hf DIR")
+        return
+    given = [flag for flag, dest in SIZE_FLAGS.items() if getattr(args, dest) is not None]
+    given += ["--no-bias"] if not args.bias else []
+    given += ["--causal"] if args.causal else []
+    given += ["--cross (use --hf-attention cross)"] if not args.self_attention else []
+    if given:
+        raise ValueError(
+            "--hf reads sizes, heads, biases, causality and self/cross from the checkpoint: "
+            f"drop {', '.join(given)}"
+        )
+
+
+HF_CHOICES = ("hf_layer", "hf_attention", "hf_stack")
+SIZE_FLAGS = {
+    "--d-model": "d_model",
+    "--num-heads": "num_heads",
+    "--kdim": "kdim",
+    "--vdim": "vdim",
+}
+
+
+class TorchvisionNotice(logging.Filter):
+    """Drops torch.onnx's "torchvision is not installed. Skipping torchvision::nms" (and
+    roi_align, roi_pool, deform_conv2d): its op registry logs one per torchvision op it
+    cannot register, at every export, though no attention graph uses them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+# The logger of torch/onnx/_internal/exporter/_registration.py, which emits the notices.
+# Quieting "torch.onnx" by level does not hold: importing torch resets its loggers' levels.
+REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
 
 
 def require_export_extra(command: str) -> None:
@@ -127,6 +197,9 @@ def require_export_extra(command: str) -> None:
             f"`{command}` needs the export extra ({err.name} is missing): "
             "pip install 'mha-serve[export]'"
         ) from err
+    registry = logging.getLogger(REGISTRY_LOGGER)
+    if not any(isinstance(f, TorchvisionNotice) for f in registry.filters):
+        registry.addFilter(TorchvisionNotice())
 
 
 def run(args: argparse.Namespace) -> int:

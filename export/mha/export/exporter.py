@@ -41,7 +41,7 @@ from mha.export.signature import (
     step_example_inputs,
     step_io_shapes,
 )
-from mha.export.sources import WeightsSource, from_module, load_source
+from mha.export.sources import WeightsSource, resolve_source
 from mha.export.step_ops import step_translation_table
 from mha.export.validate_memory import MemorySessions, check_memory
 from mha.export.validate_step import check_decoding
@@ -231,6 +231,8 @@ def model_config(options, source, results) -> dict:
         "weights_source": source.description,
         "weights_sha256": source.sha256,
     }
+    if source.record is not None:
+        config["source"] = source.record
     if options.kv_cache:
         dims, dtype = contract_dims(cfg), options.dtype.upper()
         sequence_json = contract.memory_sequence_json if options.memory else contract.sequence_json
@@ -253,11 +255,7 @@ def export_model(
     timer = StepTimer(say)
     start = time.perf_counter()
     with timer.step(1, "load weights"):
-        source = (
-            from_module(module, options.causal)
-            if module is not None
-            else load_source(options, options.causal)
-        )
+        options, source = resolve_source(options, module)
     with timer.step(
         2, f"trace with torch.onnx and emit {TARGETS[options.target].node or 'MatMul/Softmax'}"
     ):

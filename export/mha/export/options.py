@@ -92,10 +92,18 @@ class ExportOptions:
     self_attention: bool = True
     causal: bool = False
     attention_weights: bool = False
-    # Weight sources (at most one): our safetensors, a BERT-style checkpoint, or seeded.
+    # Weight sources (at most one): our safetensors, a BERT-style checkpoint, a Hugging
+    # Face checkpoint folder, or seeded.
     weights: Path | None = None
     bert: Path | None = None
     bert_layer: int = 0
+    # With hf: sizes, heads, biases and causality come from its config.json, and
+    # self_attention is hf_attention == "self" (causal is settled when the layer is read:
+    # mha.export.sources.resolve_source). hf_stack None: the decoder, if the model has one.
+    hf: Path | None = None
+    hf_layer: int = 0
+    hf_attention: str = "self"
+    hf_stack: str | None = None
     d_model: int = 512
     num_heads: int | None = 8  # None with a BERT checkpoint: from its config.json
     kdim: int | None = None
@@ -118,16 +126,21 @@ class ExportOptions:
             raise ValueError(f"unknown target {self.target!r}; choose from {', '.join(TARGETS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
-        if self.weights is not None and self.bert is not None:
-            raise ValueError("give at most one weights source: --weights or --bert")
+        given = [n for n in ("weights", "bert", "hf") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one weights source, got {' and '.join('--' + n for n in given)}"
+            )
+        if self.hf is not None:
+            self.check_hf()
         if self.kv_cache:
             self.check_kv_cache()
         if self.causal and not self.self_attention:
             raise ValueError("causal=True is defined for self-attention only (use --self)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"model name {self.name!r} must be a plain folder name")
-        if self.num_heads is None and self.bert is None:
-            raise ValueError("num_heads is required unless a BERT checkpoint gives it")
+        if self.num_heads is None and self.bert is None and self.hf is None:
+            raise ValueError("num_heads is required unless a checkpoint gives it")
         if self.version < 1:
             raise ValueError(f"version must be >= 1, got {self.version}")
         if self.max_batch_size < 1 or self.max_sequence_length < 1:
@@ -135,6 +148,16 @@ class ExportOptions:
                 f"max_batch_size={self.max_batch_size} and max_sequence_length="
                 f"{self.max_sequence_length} must be >= 1"
             )
+
+    def check_hf(self) -> None:
+        """Refuse a layer choice that cannot be; take self/cross from hf_attention."""
+        if self.hf_attention not in ("self", "cross"):
+            raise ValueError(f"hf_attention {self.hf_attention!r} must be 'self' or 'cross'")
+        if self.hf_stack not in (None, "encoder", "decoder"):
+            raise ValueError(f"hf_stack {self.hf_stack!r} must be 'encoder' or 'decoder'")
+        if self.hf_layer < 0:
+            raise ValueError(f"hf_layer must be >= 0, got {self.hf_layer}")
+        object.__setattr__(self, "self_attention", self.hf_attention == "self")  # frozen
 
     def check_kv_cache(self) -> None:
         """Refuse what a step graph cannot be; set causal for self-attention decoding.

@@ -1,14 +1,19 @@
-"""Where an export's weights come from: embedded default, our file, BERT-style checkpoint."""
+"""Where an export's weights come from: embedded default, our file, BERT-style checkpoint,
+or one attention block of a Hugging Face checkpoint folder."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from mha.export.options import ExportOptions
 from mha.model import (
     AttentionConfig,
+    LayerChoice,
     MultiHeadAttention,
     from_bert,
+    from_hf,
     load,
     seeded_model,
     state_sha256,
@@ -23,6 +28,33 @@ class WeightsSource:
     module: MultiHeadAttention
     description: str
     sha256: str
+    record: dict[str, Any] | None = None  # mha.json's `source` (a Hugging Face checkpoint)
+
+
+def resolve_source(
+    options: ExportOptions, module: MultiHeadAttention | None = None
+) -> tuple[ExportOptions, WeightsSource]:
+    """The export's weights, and its options with causal settled by a checkpoint's layer.
+
+    A Hugging Face layer is causal when the checkpoint says so (a decoder's self-attention);
+    a KV-cache step graph decodes causal self-attention only, so a bidirectional layer
+    (an encoder's) is refused for it.
+    """
+    if module is not None:
+        return options, from_module(module, options.causal)
+    if options.hf is None:
+        return options, load_source(options, options.causal)
+    choice = LayerChoice(options.hf_layer, options.hf_attention, options.hf_stack)
+    block = from_hf(options.hf, choice)
+    causal = block.found.causal
+    if options.kv_cache and options.self_attention and not causal:
+        raise ValueError(
+            f"--kv-cache decodes causal self-attention; {block.description} of {options.hf} "
+            "is bidirectional (export it without --kv-cache)"
+        )
+    options = dataclasses.replace(options, causal=causal)
+    digest = state_sha256(block.module)
+    return options, WeightsSource(block.module, block.description, digest, block.source())
 
 
 def load_source(options: ExportOptions, causal: bool) -> WeightsSource:
