@@ -44,6 +44,8 @@ RULES = (
          "export depends on model/ and the shared leaf modules only"),
     Rule("mha.model", ("mha.export", "mha.service", "mha.client", "mha.bench", "mha.cli"),
          "the model depends on nothing of the project"),
+    Rule("mha", ("transformers",), "transformers is a test dependency only (tests/hf)"),
+    Rule("mha.service", ("tokenizers",), "tokenizing is the client's optional `text` extra"),
 )  # fmt: skip
 LEAVES = ("mha.contract", "mha.errors", "mha.tables")  # import nothing of the project
 
@@ -127,6 +129,9 @@ def test_the_project_keeps_its_import_directions() -> None:
         ("mha.client.fake", "from mha.service import core\n", "wire codec"),
         ("mha.service.core.fake", "from .. import grpc\n", "transport-free"),
         ("mha.contract", "from mha.service.core import errors\n", "leaf mha.contract"),
+        ("mha.model.fake", "def f():\n    import transformers\n", "test dependency only"),
+        ("mha.client.fake", "from transformers import AutoModel\n", "test dependency only"),
+        ("mha.service.core.fake", "import tokenizers\n", "optional `text` extra"),
     ],
 )
 def test_a_breach_is_reported(tmp_path: Path, module: str, source: str, expected: str) -> None:

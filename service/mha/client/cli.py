@@ -1,7 +1,9 @@
 """`mha infer`: send one inference request to an Open Inference Protocol gRPC server.
 
 Inputs are seeded random arrays of the asked B/L/S, shaped from the server's ModelMetadata,
-or .npy files. Prints each output's shape and statistics and the round-trip latency;
+or .npy files, or a sentence (--text) made into a checkpoint's layer-0 attention input with
+its own tokenizer and embeddings (--hf DIR; mha.client.text). Prints each output's shape
+and statistics and the round-trip latency;
 optionally checks the answer against the ONNX model run locally (--compare) and draws the
 attention weights (--plot). Server errors print as one line: `<CODE>: <details>`.
 """
@@ -21,6 +23,8 @@ from mha.client.core import DEFAULT_MAX_MESSAGE_BYTES, ClientError, InferResult
 from mha.client.inputs import InputError, Sizes, build_inputs, load_arrays, output_names
 from mha.client.plot import PlotUnavailable, attention_heatmaps
 from mha.client.sync import Client
+from mha.client.tensors import CheckpointError
+from mha.client.text import TextInput, text_input
 from mha.errors import CliError
 
 WEIGHTS = "attention_weights"
@@ -53,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> 
         inputs.add_argument(f"--{name}", type=Path, metavar="NPY", help=f"{name} from a .npy file")
     inputs.add_argument("--padded", type=int, default=0, metavar="N", help="mask the last N keys")
     inputs.add_argument("--typed", action="store_true", help="typed contents instead of raw")
+    text = parser.add_argument_group("text (a sentence as a checkpoint's layer-0 input)")
+    text.add_argument("--text", help="the sentence (needs --hf; tokenizers package)")
+    text.add_argument("--hf", type=Path, metavar="DIR", help="the Hugging Face checkpoint folder")
+    text.add_argument(
+        "--hf-stack",
+        choices=("encoder", "decoder"),
+        default=None,
+        help="BART: which stack's embeddings (default decoder, as mha export --hf)",
+    )
     out = parser.add_argument_group("outputs")
     out.add_argument("--outputs", help="comma-separated output names (default: the server's)")
     out.add_argument("--attention-weights", action="store_true", help=f"also ask for {WEIGHTS}")
@@ -126,13 +139,43 @@ def connect(args: argparse.Namespace) -> Client:
     )  # fmt: skip
 
 
+def read_text(args: argparse.Namespace) -> TextInput | None:
+    """The --text input, or None; CliError for --text without --hf or a bad checkpoint."""
+    if args.text is None:
+        if args.hf is not None:
+            raise CliError("--hf gives the checkpoint that --text is tokenized with: add --text")
+        return None
+    if args.hf is None:
+        raise CliError("--text needs --hf DIR (the checkpoint's tokenizer and embeddings)")
+    if args.query is not None:
+        raise CliError("--text makes the query: drop --query")
+    try:
+        return text_input(args.hf, args.text, args.hf_stack)
+    except CheckpointError as err:
+        raise CliError(str(err)) from None
+
+
+def check_text_model(metadata, text: TextInput | None) -> None:
+    """Refuse --text for a model that takes key and value (cross-attention)."""
+    names = {t.name for t in metadata.inputs}
+    if text is not None and contract.KEY in names:
+        raise CliError(
+            f"--text is the input of a self-attention layer; model {metadata.name!r} "
+            f"also takes {contract.KEY} and {contract.VALUE}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    text = read_text(args)
     try:
         with connect(args) as c:
             metadata = c.model_metadata(args.model, args.version)
+            check_text_model(metadata, text)
             outputs = requested_outputs(args, output_names(metadata))
             given = load_arrays({n: getattr(args, n) for n in ("query", "key", "value")})
             given.update(load_arrays({"key_padding_mask": args.mask}))
+            if text is not None:
+                given[contract.QUERY] = text.query
             sizes = Sizes(args.batch, args.length, args.source_length)
             inputs = build_inputs(metadata, given, sizes, seed=args.seed, padded=args.padded)
             result = c.infer(
@@ -148,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     except (InputError, ValueError) as err:
         raise CliError(str(err)) from None
     print_result(args, inputs, result)
+    if text is not None:
+        print(f"tokens ({len(text.tokens)}): {' '.join(text.tokens)}")
     status = 0
     if args.compare is not None:
         try:
@@ -157,7 +202,12 @@ def run(args: argparse.Namespace) -> int:
         status = 0 if print_diffs(diffs) else 1
     if args.plot is not None:
         try:
-            attention_heatmaps(result.outputs[WEIGHTS], args.plot, title=f"{args.model}: {WEIGHTS}")
+            attention_heatmaps(
+                result.outputs[WEIGHTS],
+                args.plot,
+                title=f"{args.model}: {WEIGHTS}",
+                labels=None if text is None else text.tokens,
+            )
         except PlotUnavailable as err:
             raise CliError(str(err)) from None
         print(f"wrote {args.plot}")

@@ -32,11 +32,21 @@ def pyplot() -> Any:
 
 
 def attention_heatmaps(
-    weights: np.ndarray, path: Path, *, sample: int = 0, title: str = ""
+    weights: np.ndarray,
+    path: Path,
+    *,
+    sample: int = 0,
+    title: str = "",
+    labels: Sequence[str] | None = None,
 ) -> None:
-    """One heatmap per head of weights[sample] ([B, h, L, S]), query rows by key columns."""
+    """One heatmap per head of weights[sample] ([B, h, L, S]), query rows by key columns.
+
+    labels: the tokens of a self-attention input (L = S), written along both axes.
+    """
     if weights.ndim != 4:
         raise ValueError(f"attention weights must be [B, h, L, S], got shape {weights.shape}")
+    if labels is not None and len(labels) != weights.shape[3]:
+        raise ValueError(f"{len(labels)} token labels for {weights.shape[3]} key positions")
     plt = pyplot()
     heads = weights.shape[1]
     cols = min(heads, 4)
@@ -51,13 +61,24 @@ def attention_heatmaps(
             weights[sample, head].astype(np.float32), aspect="auto", cmap="viridis", vmin=0.0
         )
         ax.set_title(f"head {head}")
-        ax.set_xlabel("key position")
-        ax.set_ylabel("query position")
+        if labels is None:
+            ax.set_xlabel("key position")
+            ax.set_ylabel("query position")
+        else:
+            label_axes(ax, labels, weights.shape[2])
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(title or f"attention weights, sample {sample}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def label_axes(ax: Any, labels: Sequence[str], rows: int) -> None:
+    """Tokens as the tick labels: keys along x (turned), queries along y."""
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), labels[len(labels) - rows :], fontsize=7)
+    ax.set_xlabel("key token")
+    ax.set_ylabel("query token")
 
 
 def latency_throughput(
