@@ -21,6 +21,7 @@ SEQ2SEQ_SIZES = {
     "encoder_ffn_dim": 2 * E, "decoder_ffn_dim": 2 * E, "vocab_size": VOCAB,
     "max_position_embeddings": 64, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
     "decoder_start_token_id": 2, "dropout": 0.0, "attention_dropout": 0.0,
+    "scale_embedding": True,  # so that --text's embed_scale is tested
 }  # fmt: skip
 WHISPER_FRAMES = 24  # 2 * max_source_positions: the encoder's input (its output: half)
 
