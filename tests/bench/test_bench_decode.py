@@ -1,7 +1,7 @@
 """Smoke test of `mha bench decode --quick`: every contestant and workload runs and reports.
 
-Not a timed test: it checks the benchmark works (and exports its two models when they are
-missing), not how fast decoding is; the targets' verdicts are not asserted.
+Not a timed test: it checks the benchmark works on the session's exports of its two models,
+not how fast decoding is; the targets' verdicts are not asserted.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import no_bench_folders
 from test_bench_cli import SCRIPT
 
 QUICK_POINTS = {  # (contestant, prompt, sequences) of --quick
@@ -31,16 +33,29 @@ TABLES = (
 )  # fmt: skip
 
 
-def test_quick_decode_bench_covers_every_contestant(tmp_path: Path) -> None:
+def decode(repository: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`mha bench decode --quick` with its own TMPDIR, so what it leaves there is seen."""
+    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick",
+               "--repository", str(repository), "--out", str(out), *extra]  # fmt: skip
+    (out.parent / "tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(out.parent / "tmp")}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_quick_decode_bench_covers_every_contestant(decode_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick", "--out", str(out)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = decode(decode_repo, out)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert no_bench_folders(tmp_path / "tmp") == []  # the servers' port files went with them
+    assert {p.name for p in (out / "logs").iterdir()} == {
+        "server-on.log", "server-off.log", "server-echo.log",
+    }  # fmt: skip
     document = json.loads((out / "bench.json").read_text())
     points = document["points"]
     assert {(p["contestant"], p["prompt"], p["sequences"]) for p in points} == QUICK_POINTS
     for p in points:
         assert p["tokens"] == 4 * p["sequences"] and p["tokens_per_s"] > 0, p
+        assert p["refused"] == 0, p  # nothing is squeezed here
         assert 0 < p["p50_ms"] <= p["p90_ms"] <= p["p99_ms"] <= p["max_ms"], p
         if p["server"] not in (None, "echo"):  # the echo has no /metrics
             assert p["mean_batch"] >= 1, p
@@ -71,15 +86,18 @@ def test_decode_help_loads_no_export_tools() -> None:
     assert heavy == "[]", done.stdout
 
 
-def test_repeats_interleave_the_contestants(tmp_path: Path) -> None:
-    """Both servers up at once; each repeat runs every workload for every contestant in turn,
-    starting one contestant later each repeat."""
+def test_repeats_interleave_and_refusals_are_sent_again(decode_repo: Path, tmp_path: Path) -> None:
+    """Both servers up at once; each repeat runs every workload for every contender in turn,
+    starting one contender later each repeat. And UNAVAILABLE from admission is sent again:
+    with every run in the executor (so requests overlap) and a 1 us queue-delay limit, the
+    four sequences' overlapping prefills and steps are refused, sent again and counted."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick", "--repeats", "2",
-               "--contestants", "cached,batching-off", "--out", str(out), "--no-plot"]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    run = decode(decode_repo, out, "--repeats", "2", "--contestants", "cached,batching-off",
+                 "--server-arg=--inline-runs-under-us=0",
+                 "--server-arg=--max-queue-delay-ms=0.001", "--no-plot")  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    order = json.loads((out / "bench.json").read_text())["order"]
+    document = json.loads((out / "bench.json").read_text())
+    order = document["order"]
     assert [run["contestant"] for run in order] == [
         "cached", "batching-off", "cached", "batching-off",
         "batching-off", "cached", "batching-off", "cached",
@@ -88,19 +106,6 @@ def test_repeats_interleave_the_contestants(tmp_path: Path) -> None:
     assert workloads[0] == workloads[1] != workloads[2] == workloads[3]
     assert workloads[4:] == workloads[:4]
     assert [run["repeat"] for run in order] == [0] * 4 + [1] * 4
-
-
-def test_refused_requests_are_sent_again_and_counted(tmp_path: Path) -> None:
-    """UNAVAILABLE from admission is retryable: the run goes on and counts the refusals.
-    With every run in the executor (so requests overlap) and a 1 us queue-delay limit, the
-    four sequences' overlapping prefills and steps are refused and sent again."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "mha.cli", "bench", "decode", "--quick",
-               "--contestants", "cached", "--server-arg=--inline-runs-under-us=0",
-               "--server-arg=--max-queue-delay-ms=0.001", "--out", str(out),
-               "--no-plot"]  # fmt: skip
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    points = json.loads((out / "bench.json").read_text())["points"]
-    assert all(p["tokens"] == 4 * p["sequences"] for p in points), points
+    points = document["points"]
+    assert all(p["tokens"] == 4 * 2 * p["sequences"] for p in points), points
     assert sum(p["refused"] for p in points) > 0, points

@@ -18,9 +18,10 @@ import pytest
 from harness import link_repository
 from test_bench_cli import SCRIPT
 
-from mha.bench import flood_metrics, flood_report
-from mha.bench.flood_load import Answer
-from mha.bench.flood_requests import KINDS, RandomRequests, Shapes
+from mha.bench.framework import probes
+from mha.bench.framework.garbage import KINDS, RandomRequests, Shapes
+from mha.bench.framework.unary import Answer
+from mha.bench.scenarios import bursts
 from mha.proto import grpc_predict_v2_pb2 as pb
 
 SHAPES = Shapes("tiny", 64, "FP32", 64, 4096, 1 << 20)
@@ -41,7 +42,7 @@ def answers(*spec: tuple[str, str, float, int]) -> list[Answer]:
 def burst_record(found: list[Answer], run_ms: float | None, probe: str = "OK") -> dict:
     return {
         "name": "burst",
-        "summary": flood_report.summarize(found),
+        "summary": bursts.summarize(found),
         "server": {"run_ms": run_ms},
         "probe": {"code": probe},
     }
@@ -53,7 +54,7 @@ def verdicts(targets: list[dict]) -> list[bool | None]:
 
 def test_retryable_refusals_with_reasons_pass_every_burst_target() -> None:
     found = answers(("OK", "", 900.0, 90), ("UNAVAILABLE", "queue full; retry later", 5.0, 10))
-    targets = flood_report.burst_targets(burst_record(found, run_ms=20.0), 1000.0)
+    targets = bursts.burst_targets(burst_record(found, run_ms=20.0), 1000.0)
     assert verdicts(targets) == [True, True, True, True, True]
     assert targets[3]["bound"] == 1040.0  # max queue delay + 2 run times
 
@@ -62,12 +63,12 @@ def test_cancelled_and_library_details_miss() -> None:
     found = answers(("OK", "", 10.0, 50), ("CANCELLED", "CANCELLED", 100.0, 3),
                     ("UNAVAILABLE", "Socket closed", 1.0, 2),
                     ("RESOURCE_EXHAUSTED", "input 'query': over the limit", 60.0, 1))  # fmt: skip
-    summary = flood_report.summarize(found)
+    summary = bursts.summarize(found)
     assert summary["codes"] == {"CANCELLED": 3, "OK": 50, "RESOURCE_EXHAUSTED": 1,
                                 "UNAVAILABLE": 2}  # fmt: skip
     assert summary["unfit"] == 5 and summary["forbidden"] == 3
     assert summary["details"]["CANCELLED"] == [["CANCELLED", 3]]
-    targets = flood_report.burst_targets(burst_record(found, run_ms=1.0, probe="UNAVAILABLE"), 0)
+    targets = bursts.burst_targets(burst_record(found, run_ms=1.0, probe="UNAVAILABLE"), 0)
     # accepted p99 has no bound when the queue delay is off (0)
     assert verdicts(targets) == [False, False, False, None, False]
 
@@ -75,26 +76,26 @@ def test_cancelled_and_library_details_miss() -> None:
 def test_details_group_by_template() -> None:
     found = answers(("INVALID_ARGUMENT", "raw contents are 10 bytes, needs 12", 1.0, 2),
                     ("INVALID_ARGUMENT", "raw contents are 7 bytes, needs 8", 1.0, 1))  # fmt: skip
-    [[example, count]] = flood_report.summarize(found)["details"]["INVALID_ARGUMENT"]
+    [[example, count]] = bursts.summarize(found)["details"]["INVALID_ARGUMENT"]
     assert count == 3 and example == "raw contents are 10 bytes, needs 12"
 
 
 def test_a_burst_without_refusals_has_no_refusal_verdict() -> None:
-    targets = flood_report.burst_targets(burst_record(answers(("OK", "", 5.0, 4)), None), 1000)
+    targets = bursts.burst_targets(burst_record(answers(("OK", "", 5.0, 4)), None), 1000)
     assert verdicts(targets) == [True, True, None, None, True]
 
 
 def test_random_run_targets() -> None:
     found = [Answer("garbage", "INVALID_ARGUMENT", "not a ModelInferRequest", 0.001),
              Answer("malformed", "INTERNAL", "internal error", 0.001)]  # fmt: skip
-    record = {"name": "random", "summary": flood_report.summarize(found), "probe": {"code": "OK"},
+    record = {"name": "random", "summary": bursts.summarize(found), "probe": {"code": "OK"},
               "rss_mb": {"warm": 100.0, "after": 130.0, "quiet": 119.0}}  # fmt: skip
-    targets = flood_report.random_targets(record, 0.2)
+    targets = bursts.random_targets(record, 0.2)
     assert verdicts(targets) == [False, True, True]
     record["rss_mb"]["quiet"] = 121.0
-    assert verdicts(flood_report.random_targets(record, 0.2))[1] is False
+    assert verdicts(bursts.random_targets(record, 0.2))[1] is False
     record["rss_mb"] = {"warm": None, "after": None, "quiet": None}  # no pid: unknown
-    assert verdicts(flood_report.random_targets(record, 0.2))[1] is None
+    assert verdicts(bursts.random_targets(record, 0.2))[1] is None
 
 
 def buckets_text(name: str, labels: str, counts: list[float]) -> str:
@@ -105,7 +106,7 @@ def buckets_text(name: str, labels: str, counts: list[float]) -> str:
 
 
 def test_histogram_delta_quantiles_are_bucket_bounds() -> None:
-    name = flood_metrics.REQUEST
+    name = probes.REQUEST
     ok1, ok2 = 'model="m",outcome="success",version="1"', 'model="m",outcome="success",version="2"'
     full = 'model="m",outcome="queue_full",version="1"'
     other = 'model="other",outcome="success",version="1"'
@@ -116,17 +117,17 @@ def test_histogram_delta_quantiles_are_bucket_bounds() -> None:
         + buckets_text(name, full, [99, 100, 100, 100])  # + 99 under 1 ms, 1 under 10
         + buckets_text(name, other, [50, 50, 50, 50])  # another model: left out
     )
-    deltas = flood_metrics.delta(
-        flood_metrics.histogram(before, name, "m", "outcome"),
-        flood_metrics.histogram(after, name, "m", "outcome"),
+    deltas = probes.delta(
+        probes.histogram(before, name, "m", "outcome"),
+        probes.histogram(after, name, "m", "outcome"),
     )
     assert deltas["success"] == {0.001: 0, 0.01: 0, 0.1: 97, math.inf: 98}
-    assert flood_metrics.quantile_bound(deltas["success"], 0.5) == 0.1
-    assert flood_metrics.quantile_bound(deltas["success"], 0.99) == math.inf  # the 98th of 98
-    assert flood_metrics.quantile_bound(deltas["queue_full"], 0.99) == 0.001  # the 99th of 100
-    assert flood_metrics.quantile_bound(deltas["queue_full"], 1.0) == 0.01
-    assert flood_metrics.quantile_bound({0.001: 0, math.inf: 0}, 0.5) is None
-    view = flood_metrics.server_view(before, after, "m")
+    assert probes.quantile_bound(deltas["success"], 0.5) == 0.1
+    assert probes.quantile_bound(deltas["success"], 0.99) == math.inf  # the 98th of 98
+    assert probes.quantile_bound(deltas["queue_full"], 0.99) == 0.001  # the 99th of 100
+    assert probes.quantile_bound(deltas["queue_full"], 1.0) == 0.01
+    assert probes.quantile_bound({0.001: 0, math.inf: 0}, 0.5) is None
+    view = probes.server_view(before, after, "m")
     assert view is not None and view["by_outcome"]
     assert view["bucket_bounds_ms"] == [1, 10, 100]
     assert view["accepted"] == {
@@ -142,13 +143,13 @@ def test_histogram_delta_quantiles_are_bucket_bounds() -> None:
     # The same histogram without an outcome label: one group, counts from the counter.
     plain = after.replace('outcome="success",', "").replace('outcome="queue_full",', "")
     plain += 'mha_requests_total{model="m",outcome="queue_full",version="1"} 100.0\n'
-    view = flood_metrics.server_view(plain, plain.replace("} 100.0", "} 107.0"), "m")
+    view = probes.server_view(plain, plain.replace("} 100.0", "} 107.0"), "m")
     assert view is not None and not view["by_outcome"] and view["requests"] == {}
     assert view["outcomes"] == {"queue_full": 7}
 
 
 def test_burst_breakdown_tables_and_sentence() -> None:
-    name = flood_metrics.REQUEST
+    name = probes.REQUEST
     ok, full = (
         'model="m",outcome="success",version="1"',
         'model="m",outcome="queue_delay",version="1"',
@@ -157,19 +158,19 @@ def test_burst_breakdown_tables_and_sentence() -> None:
     reset = "Stream removed (RST_STREAM with error code 7)"
     found = answers(("OK", "", 900.0, 90), ("UNAVAILABLE", "queue delay over the bound", 400.0, 8),
                     ("UNAVAILABLE", reset, 30.0, 2))  # fmt: skip
-    record = {"name": "burst A", "wall_s": 2.0, "summary": flood_report.summarize(found),
-              "server_view": flood_metrics.server_view("", after, "m"),
+    record = {"name": "burst A", "wall_s": 2.0, "summary": bursts.summarize(found),
+              "server_view": probes.server_view("", after, "m"),
               "sent": {"bytes": 98 * 1_000_000, "mb_per_s": 49.0}}  # fmt: skip
-    record["breakdown"] = split = flood_report.breakdown(record)
+    record["breakdown"] = split = bursts.breakdown(record)
     assert split["server_scope"] == "by outcome"
     assert split["accepted"] == {"client_p99_ms": 900.0, "server_p99_le_ms": 100.0,
                                  "wire_client_ms": 800.0, "coarse": False}  # fmt: skip
     assert split["refused"]["server_p99_le_ms"] == 1.0
-    faster = dict(record, summary=flood_report.summarize(answers(("OK", "", 50.0, 10))))
-    assert flood_report.breakdown(faster)["accepted"]["coarse"]  # <= 100 ms says nothing of 50
-    assert "| every refusal | 8 " in flood_report.server_table([record])
-    assert "HTTP/2 2" in flood_report.transfer_table([record])
-    sentence = flood_report.server_sentence(record)
+    faster = dict(record, summary=bursts.summarize(answers(("OK", "", 50.0, 10))))
+    assert bursts.breakdown(faster)["accepted"]["coarse"]  # <= 100 ms says nothing of 50
+    assert "| every refusal | 8 " in bursts.server_table([record])
+    assert "HTTP/2 2" in bursts.transfer_table([record])
+    sentence = bursts.server_sentence(record)
     assert sentence.startswith(
         "burst A server side: refusals answered in <= 1 ms (p99) after the handler started; "
         "accepted <= 100 ms; client side p99 "
@@ -178,16 +179,16 @@ def test_burst_breakdown_tables_and_sentence() -> None:
 
 
 def test_refusal_sources() -> None:
-    assert flood_report.source("Stream removed (RST_STREAM with error code 7)") == "HTTP/2"
-    assert flood_report.source("Concurrent RPC limit exceeded!") == "gRPC"
-    assert flood_report.source("Deadline Exceeded") == "gRPC"
-    assert flood_report.source("queue full; retry later") == "server"
+    assert bursts.source("Stream removed (RST_STREAM with error code 7)") == "HTTP/2"
+    assert bursts.source("Concurrent RPC limit exceeded!") == "gRPC"
+    assert bursts.source("Deadline Exceeded") == "gRPC"
+    assert bursts.source("queue full; retry later") == "server"
     found = answers(("OK", "", 900.0, 5),
                     ("UNAVAILABLE", "Received RST_STREAM with error code 7", 5.0, 2),
                     ("RESOURCE_EXHAUSTED", "Concurrent RPC limit exceeded!", 5.0, 3),
                     ("DEADLINE_EXCEEDED", "Deadline Exceeded", 5.0, 1),
                     ("UNAVAILABLE", "queue full", 5.0, 4))  # fmt: skip
-    summary = flood_report.summarize(found)
+    summary = bursts.summarize(found)
     assert summary["sources"] == {"server": 4, "gRPC": 4, "HTTP/2": 2}
     assert summary["before_handler"] == {"HTTP/2": 2, "gRPC": 3}  # not the client's deadline
     assert summary["unfit"] == 3  # the PASS/MISS rule is the same as before

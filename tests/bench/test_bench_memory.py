@@ -1,7 +1,7 @@
 """Smoke test of `mha bench memory --quick`: both contestants and every workload run and report.
 
-Not a timed test: it checks the benchmark works (and exports its two models when they are
-missing), not how fast a held memory is; the speed target's verdict is not asserted.
+Not a timed test: it checks the benchmark works on the session's exports of its two models,
+not how fast a held memory is; the speed target's verdict is not asserted.
 """
 
 from __future__ import annotations
@@ -23,11 +23,18 @@ QUICK_POINTS = {  # (contestant, S, sequences) of --quick
 TABLES = ("memory figures", "held memory vs resending it", "same answers", "targets")
 
 
-def test_quick_memory_bench_covers_every_contestant(tmp_path: Path) -> None:
+def test_quick_memory_bench_covers_every_contestant(memory_repo: Path, tmp_path: Path) -> None:
+    """Every contender and workload, with admission squeezed: every run in the executor (so
+    requests overlap) and a 1 us queue-delay limit, so overlapping steps are refused with
+    UNAVAILABLE; the run sends them again and counts them instead of ending."""
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "mha.cli", "bench", "memory", "--quick", "--out", str(out)]
+    command = [sys.executable, "-m", "mha.cli", "bench", "memory", "--quick",
+               "--repository", str(memory_repo), "--out", str(out),
+               "--server-arg=--inline-runs-under-us=0",
+               "--server-arg=--max-queue-delay-ms=0.001"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert "UNAVAILABLE" not in run.stderr
     document = json.loads((out / "bench.json").read_text())
     points = document["points"]
     assert {(p["contestant"], p["memory"], p["sequences"]) for p in points} == QUICK_POINTS
@@ -45,6 +52,7 @@ def test_quick_memory_bench_covers_every_contestant(tmp_path: Path) -> None:
         if contestant == "cached":
             resend = by_point[("resend", memory, sequences)]
             assert cached["request_bytes_per_step"] < resend["request_bytes_per_step"]
+    assert sum(p["refused"] for p in points) > 0, points
     agreement = document["agreement"]
     assert {(a["memory"], a["sequences"]) for a in agreement} == {(8, 1), (8, 4)}
     assert all(a["max_abs_diff"] <= 1e-4 for a in agreement), agreement  # same weights

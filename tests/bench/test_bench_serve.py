@@ -9,7 +9,7 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from harness import link_repository
 
-from mha.bench import report
-from mha.bench.plan import PRESETS, Goals, plan
+from mha.bench.framework import report
+from mha.bench.framework.contenders import Contenders
+from mha.bench.scenarios import bounds
+from mha.bench.scenarios.points import PRESETS, Goals, plan
 from mha.client import Client, ClientError
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.grpc import codec
@@ -31,6 +33,13 @@ def bench_repo(exported: Callable[..., Path], tmp_path_factory: pytest.TempPathF
     """A repository holding one small self-attention model (d_model 64, 4 heads) as "tiny"."""
     root = tmp_path_factory.mktemp("bench-repo")
     return link_repository(root, exported, {"tiny": {"target": "ort"}})
+
+
+@pytest.fixture(scope="module")
+def contenders(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contenders]:
+    """The servers the tests below start, stopped (and their port files removed) after."""
+    with Contenders(tmp_path_factory.mktemp("bench-logs"), threads=1) as started:
+        yield started
 
 
 def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path) -> None:
@@ -70,20 +79,17 @@ def test_quick_bench_covers_every_configuration(bench_repo: Path, tmp_path: Path
         assert title in run.stdout
 
 
-def test_open_loop_against_an_external_server(bench_repo: Path, tmp_path: Path) -> None:
-    from mha.bench.servers import start_server
-
-    server = start_server(bench_repo, "off", threads=1, extra=[], log_dir=tmp_path)
-    try:
-        out = tmp_path / "out"
-        command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--url", server.url,
-                   "--model", "tiny", "--configs", "external", "--workloads", "1x16",
-                   "--rate", "100", "--duration", "0.5", "--warmup", "0.1", "--no-plot",
-                   "--out", str(out)]  # fmt: skip
-        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert server.process.poll() is None  # still serving
-    finally:
-        assert server.stop() == 0
+def test_open_loop_against_an_external_server(
+    bench_repo: Path, contenders: Contenders, tmp_path: Path
+) -> None:
+    server = contenders.serve("off", bench_repo, "off")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--url", server.url,
+               "--model", "tiny", "--configs", "external", "--workloads", "1x16",
+               "--rate", "100", "--duration", "0.5", "--warmup", "0.1", "--no-plot",
+               "--out", str(out)]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    server.check_alive()  # still serving
     assert run.returncode == 0, run.stdout + run.stderr
     [point] = json.loads((out / "bench.json").read_text())["points"]
     assert point["config"] == "external" and point["rate"] == 100 and point["errors"] == {}
@@ -92,10 +98,8 @@ def test_open_loop_against_an_external_server(bench_repo: Path, tmp_path: Path) 
     assert point["requests"] > 0 and point["p50_ms"] <= point["p99_ms"]
 
 
-def test_echo_answers_with_the_request_shape(bench_repo: Path, tmp_path: Path) -> None:
-    from mha.bench.servers import start_echo
-
-    server = start_echo(bench_repo / "tiny" / "1", log_dir=tmp_path)
+def test_echo_answers_with_the_request_shape(bench_repo: Path, contenders: Contenders) -> None:
+    server = contenders.echo(bench_repo / "tiny" / "1")
     try:
         with Client(server.url, timeout=10) as client:
             assert client.live() and client.ready() and client.model_ready("tiny")
@@ -131,10 +135,10 @@ def test_echo_answers_with_the_request_shape(bench_repo: Path, tmp_path: Path) -
 
 
 def test_bound_is_one_over_the_sum_of_inverses() -> None:
-    assert report.bound(100.0, 100.0) == 50.0
-    assert report.bound(300.0, 600.0) == pytest.approx(200.0)
+    assert bounds.bound(100.0, 100.0) == 50.0
+    assert bounds.bound(300.0, 600.0) == pytest.approx(200.0)
     for missing in ((math.nan, 100.0), (100.0, math.nan), (0.0, 100.0)):
-        assert math.isnan(report.bound(*missing))
+        assert math.isnan(bounds.bound(*missing))
 
 
 def _point(config: str, clients: int, rps: float, p50: float = 1.0, p99: float = 2.0) -> dict:
@@ -152,7 +156,7 @@ def test_goal_targets_on_made_up_figures() -> None:
         _point("rate-only", 1, 1.0) | {"config": "on", "rate": 50.0, "p50_ms": 0.1},
     ]  # fmt: skip
     goals = Goals(("1x16",), ("1x16",), ("1x16",), bound_clients=16, batching_clients=(16, 32))
-    found = {t["target"]: t for t in report.goal_targets(points, goals)}
+    found = {t["target"]: t for t in bounds.goal_targets(points, goals)}
     expected = {  # name: (verdict, measured, bound)
         "no-compute (1,16) req/s c=16 >= 95% of echo": ("PASS", 960.0, 950.0),
         "no-compute (1,16) p50 ms c=1 <= echo + 0.1 ms": ("MISS", 0.65, 0.6),
@@ -163,11 +167,11 @@ def test_goal_targets_on_made_up_figures() -> None:
     }
     for name, (verdict, value, bound) in expected.items():
         t = found.pop(name)
-        assert report.pass_miss(t["ok"]) == verdict, name
+        assert report.verdict(t["ok"]) == verdict, name
         assert t["value"] == pytest.approx(value) and t["bound"] == pytest.approx(bound), name
-    assert {report.pass_miss(t["ok"]) for t in found.values()} == {"n/a"}  # nothing at c=32
+    assert {report.verdict(t["ok"]) for t in found.values()} == {"n/a"}  # nothing at c=32
     assert len(found) == 2
-    lines = report.target_lines(report.goal_targets(points, goals)).splitlines()
+    lines = report.target_lines(bounds.goal_targets(points, goals)).splitlines()
     assert lines[0] == "PASS  no-compute (1,16) req/s c=16 >= 95% of echo: measured 960, bound 950"
 
 
@@ -180,7 +184,7 @@ def test_plans_measure_every_figure_their_targets_need(preset: str) -> None:
         for p, _ in plan(PRESETS[preset], configs)
     ]  # fmt: skip
     [goals] = [p.goals for p in PRESETS[preset] if p.goals is not None]
-    targets = report.goal_targets(points, goals)
+    targets = bounds.goal_targets(points, goals)
     assert targets and all(t["ok"] is not None for t in targets)
 
 

@@ -13,11 +13,20 @@ from collections.abc import Sequence
 
 BENCHES: dict[str, tuple[str, str]] = {
     "export": ("mha.export.bench", "eager torch vs ONNX Runtime per export target"),
-    "serve": ("mha.bench.serve", "load generator for an OIP gRPC server (and this server)"),
-    "decode": ("mha.bench.decode", "decoding with the server's KV cache vs recomputing"),
-    "memory": ("mha.bench.memory", "a server-held cross-attention memory vs resending it"),
-    "flood": ("mha.bench.flood", "the server under bursts on one channel and random garbage"),
-    "soak": ("mha.bench.soak", "minutes of mixed load: memory growth and latency drift"),
+    "serve": (
+        "mha.bench.scenarios.serve",
+        "load generator for an OIP gRPC server (and this server)",
+    ),
+    "decode": ("mha.bench.scenarios.decode", "decoding with the server's KV cache vs recomputing"),
+    "memory": (
+        "mha.bench.scenarios.memory",
+        "a server-held cross-attention memory vs resending it",
+    ),
+    "flood": (
+        "mha.bench.scenarios.flood",
+        "the server under bursts on one channel and random garbage",
+    ),
+    "soak": ("mha.bench.scenarios.soak", "minutes of mixed load: memory growth and latency drift"),
 }
 
 

@@ -5,16 +5,17 @@ Phases (--phases), each followed by one good request on a fresh channel:
   b       burst B: 2,000 requests of (1,16) the same way
   random  3,000 requests, at most 16 in flight: mostly valid with random shapes, some
           hostile (sizes up to and past the limits, raw bytes off by one, malformed
-          fields), some not protobuf at all (mha.bench.flood_requests), after a warm-up of
+          fields), some not protobuf at all (mha.bench.framework.garbage), after a warm-up of
           the same mix; the server's VmRSS after the warm-up, after the run and after a
           quiet period
 By default it starts `mha serve` (batching on, the default model, exported if missing;
 flags via --server-arg); --url measures a running server. Targets print PASS or MISS;
 the exit status is 0 either way (figures, not a test) unless the server could not be
 started, died, or could not be reached. The machine may be shared: the JSON and the
-tables carry the load average before and after.
+tables carry the load average before and after. Refusals are what a flood measures: unlike
+every other scenario, it keeps them as answers and does not send them again.
 
-Each burst also gets the server's side (mha.bench.flood_metrics): /metrics scraped before
+Each burst also gets the server's side (mha.bench.framework.probes): /metrics scraped before
 and after it, the delta of the request, queue and session-run histograms (quantiles as
 bucket bounds), the bytes the burst sent, its rate over the wall time, and client p99
 minus server p99 as an estimate of what the wire and the client's event loop took.
@@ -23,43 +24,26 @@ minus server p99 as an estimate of what the wire and the client's event loop too
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mha import contract
-from mha.bench import arguments, flood_metrics, flood_report, report
-from mha.bench.flood_load import Answer, Fired, FloodFailed, burst, probe, query_request, random_run
-from mha.bench.flood_requests import RandomRequests, Shapes
-from mha.bench.flood_server import (
-    DEFAULT_MODEL,
-    Target,
-    add_target_arguments,
-    ensure_default_model,
-    flag_value,
-    max_queue_delay_ms,
-    open_target,
-    run_totals,
-)
+from mha.bench.framework import garbage, options, probes, report
+from mha.bench.framework.contenders import Contenders, Server, ServerFailed, given_or_started
+from mha.bench.framework.models import DEFAULT_MODEL, default_model
+from mha.bench.framework.report import say
+from mha.bench.framework.unary import Answer, Fired, NoConnection, burst, each, probe
+from mha.bench.scenarios import bursts
 from mha.client import Client, ClientError
 from mha.errors import CliError
 
 PHASES = ("a", "b", "random")
 EXPORT_LIMITS = (64, 4096)  # `mha export`'s default max_batch_size, max_sequence_length
-
-
-def shape(text: str) -> tuple[int, int]:
-    """argparse type: BxL, e.g. 8x128."""
-    try:
-        batch, length = (int(n) for n in text.lower().split("x"))
-    except ValueError:
-        batch = length = 0
-    if batch < 1 or length < 1:
-        raise argparse.ArgumentTypeError(f"want BxL with B, L >= 1, e.g. 8x128; got {text!r}")
-    return batch, length
+QUEUE_DELAY_FLAG, QUEUE_DELAY_ENV = "--max-queue-delay-ms", "MHA_MAX_QUEUE_DELAY_MS"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--model", default=DEFAULT_MODEL, help="a self-attention model (default mha)")
     what.add_argument("--phases", default=",".join(PHASES), help="subset of a,b,random")
     what.add_argument("--burst-a", type=int, default=600, metavar="N", help="default 600")
-    what.add_argument("--burst-a-shape", type=shape, default=(8, 128), metavar="BxL")
+    what.add_argument("--burst-a-shape", type=options.shape, default=(8, 128), metavar="BxL")
     what.add_argument("--burst-b", type=int, default=2000, metavar="N", help="default 2000")
-    what.add_argument("--burst-b-shape", type=shape, default=(1, 16), metavar="BxL")
+    what.add_argument("--burst-b-shape", type=options.shape, default=(1, 16), metavar="BxL")
     what.add_argument(
         "--random",
         type=int,
@@ -106,13 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="every request's deadline, s (0 = none; default 30)",
     )
     what.add_argument("--seed", type=int, default=0)
-    add_target_arguments(parser)
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path("bench-out/flood"),
-        help="folder for bench.json and bench.md (default: %(default)s)",
+    server = options.add_existing_server_arguments(parser)
+    server.add_argument(
+        QUEUE_DELAY_FLAG,
+        type=float,
+        dest="max_queue_delay_ms",
+        help="passed to mha serve; also the bound of the latency target (default: the "
+        "server's default, or what --server-arg gives)",
     )
+    options.add_output_arguments(parser, Path("bench-out/flood"), plot=False)
 
 
 def phases_from(args: argparse.Namespace) -> tuple[str, ...]:
@@ -129,7 +115,7 @@ def phases_from(args: argparse.Namespace) -> tuple[str, ...]:
     return wanted
 
 
-def model_shapes(target: Target, args: argparse.Namespace, repository: Path) -> Shapes:
+def model_shapes(target: Server, args: argparse.Namespace, repository: Path) -> garbage.Shapes:
     """The model's width and datatype (ModelMetadata) and its limits (mha.json, flags)."""
     try:
         with Client(target.url, timeout=10) as client:
@@ -157,7 +143,7 @@ def model_shapes(target: Target, args: argparse.Namespace, repository: Path) -> 
     flags = [] if args.url else list(args.server_arg)
     batch = int(flag_value(flags, "--max-batch-size") or batch)
     length = int(flag_value(flags, "--max-sequence-length") or length)
-    return Shapes(
+    return garbage.Shapes(
         args.model,
         int(query.shape[2]),
         query.datatype,
@@ -170,16 +156,16 @@ def model_shapes(target: Target, args: argparse.Namespace, repository: Path) -> 
 
 def probe_record(answer: Answer) -> dict[str, Any]:
     ms = answer.seconds * 1e3 if answer.seconds == answer.seconds else None
-    return {"code": answer.code, "details": flood_report.trimmed(answer.details), "ms": ms}
+    return {"code": answer.code, "details": bursts.trimmed(answer.details), "ms": ms}
 
 
 class Flood:
     """Runs the phases against one target and keeps their records."""
 
-    def __init__(self, args: argparse.Namespace, target: Target, shapes: Shapes) -> None:
+    def __init__(self, args: argparse.Namespace, target: Server, shapes: garbage.Shapes) -> None:
         self.args, self.target, self.shapes = args, target, shapes
         self.timeout = args.timeout or None
-        self.good = query_request(shapes, 1, min(16, shapes.max_length), seed=args.seed)
+        self.good = garbage.query_request(shapes, 1, min(16, shapes.max_length), seed=args.seed)
         self.records: list[dict[str, Any]] = []
 
     def probe(self) -> dict[str, Any]:
@@ -189,7 +175,7 @@ class Flood:
     def burst(self, name: str, count: int, batch_length: tuple[int, int]) -> None:
         batch, length = batch_length
         say(f"{name}: {count} x ({batch},{length}) at once on one channel ...")
-        body = query_request(self.shapes, batch, length, seed=self.args.seed)
+        body = garbage.query_request(self.shapes, batch, length, seed=self.args.seed)
         model = self.shapes.model
         rss_before, before = self.target.rss_mb(), self.target.metrics()
         fired = burst(self.target.url, body, count, self.timeout)
@@ -198,41 +184,39 @@ class Flood:
         refused_early = sum(record["summary"]["before_handler"].values())
         record.update(
             shape=f"({batch},{length})",
-            server=run_figures(run_totals(before, model), run_totals(after, model)),
-            server_view=flood_metrics.server_view(before, after, model),
+            server=run_figures(before, after, model),
+            server_view=probes.server_view(before, after, model),
             sent=sent(len(body), count - refused_early, fired.wall_s),
             rss_mb={"before": rss_before, "after": rss_after},
             probe=self.probe(),
         )
-        record["breakdown"] = flood_report.breakdown(record)
+        record["breakdown"] = bursts.breakdown(record)
         self.keep(record)
-        say(flood_report.server_sentence(record))
+        say(bursts.server_sentence(record))
 
     def random(self) -> None:
         args, count = self.args, self.args.random_requests
         warmup = args.random_warmup if args.random_warmup is not None else max(20, count // 10)
-        requests = RandomRequests(self.shapes, args.seed)
+        requests = garbage.RandomRequests(self.shapes, args.seed)
         timeout = self.timeout or 60.0
         say(f"random: {warmup} warm-up requests, then {count}, {args.random_concurrency} at once")
-        warm = random_run(
+        warm = each(
             self.target.url,
-            requests,
+            requests.make,
             range(count, count + warmup),
             args.random_concurrency,
             timeout,
         )
         rss_warm = self.target.rss_mb()
-        fired = random_run(
-            self.target.url, requests, range(count), args.random_concurrency, timeout
-        )
+        fired = each(self.target.url, requests.make, range(count), args.random_concurrency, timeout)
         rss_after = self.target.rss_mb()
         time.sleep(args.quiet_seconds)
         record = self.record("random", fired)
         record.update(
             concurrency=args.random_concurrency,
             warmup=warmup,
-            warmup_codes=flood_report.summarize(warm.answers)["codes"],
-            kinds=flood_report.by_kind(fired.answers),
+            warmup_codes=bursts.summarize(warm.answers)["codes"],
+            kinds=bursts.by_kind(fired.answers),
             quiet_s=args.quiet_seconds,
             rss_mb={"warm": rss_warm, "after": rss_after, "quiet": self.target.rss_mb()},
             probe=self.probe(),
@@ -241,7 +225,7 @@ class Flood:
 
     def record(self, name: str, fired: Fired) -> dict[str, Any]:
         self.target.check_alive()
-        summary = flood_report.summarize(fired.answers)
+        summary = bursts.summarize(fired.answers)
         return {"name": name, "wall_s": fired.wall_s, "timeout_s": self.timeout, "summary": summary}
 
     def keep(self, record: dict[str, Any]) -> None:
@@ -251,22 +235,6 @@ class Flood:
             f"{record['name']}: {codes} in {record['wall_s']:.1f} s; "
             f"good request after: {record['probe']['code']}"
         )
-
-
-def run_figures(before: dict[str, float] | None, after: dict[str, float] | None) -> dict:
-    """Session runs during a phase, from /metrics: how many, mean ms, mean samples."""
-    if before is None or after is None:
-        return {"runs": None, "run_ms": None, "mean_batch": None}
-    runs = after["runs"] - before["runs"]
-    compute, samples = (
-        after["compute_s"] - before["compute_s"],
-        after["samples"] - before["samples"],
-    )
-    return {
-        "runs": runs,
-        "run_ms": 1e3 * compute / runs if runs else None,
-        "mean_batch": samples / runs if runs else None,
-    }
 
 
 def sent(message_bytes: int, messages: int, wall_s: float) -> dict[str, Any]:
@@ -282,42 +250,49 @@ def sent(message_bytes: int, messages: int, wall_s: float) -> dict[str, Any]:
     }
 
 
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+def run_figures(before: str | None, after: str | None, model: str) -> dict[str, Any]:
+    """Session runs during a phase, from /metrics: how many, mean ms, mean samples."""
+    change = probes.deltas(probes.totals(before, model), probes.totals(after, model))
+    return {key: change[key] for key in ("runs", "run_ms", "mean_batch")}
 
 
 def run(args: argparse.Namespace) -> int:
     phases = phases_from(args)
     repository = args.repository or args.out / "models"
     if not args.url and args.model == DEFAULT_MODEL:
-        ensure_default_model(repository)
+        default_model(repository)
     args.out.mkdir(parents=True, exist_ok=True)
     delay_ms, delay_source = max_queue_delay_ms(args)
     started, load_before = time.time(), os.getloadavg()
-    target = open_target(args, repository, [])
+    extra = (
+        []
+        if args.max_queue_delay_ms is None
+        else [QUEUE_DELAY_FLAG, f"{args.max_queue_delay_ms:g}"]
+    )
     try:
-        shapes = model_shapes(target, args, repository)
-        flood = Flood(args, target, shapes)
-        first = flood.probe()
-        if first["code"] != "OK":
-            raise CliError(
-                f"a good request failed before the flood: {first['code']} {first['details']}"
-            )
-        if "a" in phases:
-            flood.burst("burst A", args.burst_a, args.burst_a_shape)
-        if "b" in phases:
-            flood.burst("burst B", args.burst_b, args.burst_b_shape)
-        if "random" in phases:
-            flood.random()
-    except FloodFailed as err:
+        with Contenders(args.out / "logs", args.threads, args.server_arg) as contenders:
+            target = given_or_started(args, contenders, repository, extra)
+            shapes = model_shapes(target, args, repository)
+            flood = Flood(args, target, shapes)
+            first = flood.probe()
+            if first["code"] != "OK":
+                raise CliError(
+                    f"a good request failed before the flood: {first['code']} {first['details']}"
+                )
+            if "a" in phases:
+                flood.burst("burst A", args.burst_a, args.burst_a_shape)
+            if "b" in phases:
+                flood.burst("burst B", args.burst_b, args.burst_b_shape)
+            if "random" in phases:
+                flood.random()
+            server = target.record()
+    except (NoConnection, ServerFailed) as err:
         raise CliError(str(err)) from None
-    finally:
-        target.stop()
     document: dict[str, Any] = {
         "started": started,
         "seconds": time.time() - started,
-        "machine": arguments.machine(load_before),
-        "server": target.record(),
+        "machine": report.machine(load_before),
+        "server": server,
         "model": {
             "name": shapes.model,
             "width": shapes.width,
@@ -329,10 +304,7 @@ def run(args: argparse.Namespace) -> int:
         "phases": flood.records,
     }
     document["targets"] = targets(document, args.max_rss_growth)
-    text = print_tables(document)
-    report.write_json(args.out / "bench.json", document)
-    (args.out / "bench.md").write_text(text + "\n")
-    print(f"\nwrote {args.out / 'bench.json'} and bench.md")
+    report.write(args.out, document, markdown=print_tables(document))
     return 0
 
 
@@ -341,16 +313,16 @@ def targets(document: dict[str, Any], max_growth: float) -> list[dict[str, Any]]
     found = []
     for record in document["phases"]:
         if record["name"] == "random":
-            found += flood_report.random_targets(record, max_growth)
+            found += bursts.random_targets(record, max_growth)
         else:
-            found += flood_report.burst_targets(record, delay)
+            found += bursts.burst_targets(record, delay)
     return found
 
 
 def print_tables(document: dict[str, Any]) -> str:
     """Print every table and the PASS/MISS lines; return the same as Markdown."""
     records, delay = document["phases"], document["max_queue_delay_ms"]
-    bursts = [r for r in records if r["name"] != "random"]
+    burst_records = [r for r in records if r["name"] != "random"]
     randoms = [r for r in records if r["name"] == "random"]
     heading = report.load_heading("mha bench flood", document["machine"]).strip()
     sections = [
@@ -358,32 +330,63 @@ def print_tables(document: dict[str, Any]) -> str:
         f"max queue delay {delay['value']:g} ms ({delay['from']}); "
         f"server {document['server']['url']}",
     ]
-    if bursts:
+    if burst_records:
         sections += [
             "## bursts, every request started at once on one channel",
-            flood_report.bursts_table(bursts),
+            bursts.bursts_table(burst_records),
             "## bursts, server side: handler start -> answer (delta of /metrics over the burst)",
-            flood_report.server_table(bursts),
-            flood_report.bounds_line(bursts),
+            bursts.server_table(burst_records),
+            bursts.bounds_line(burst_records),
             "## bursts, transfer and the wire's share (client p99 - server p99, an estimate)",
-            flood_report.transfer_table(bursts),
-            "\n".join(flood_report.server_sentence(b) for b in bursts),
+            bursts.transfer_table(burst_records),
+            "\n".join(bursts.server_sentence(b) for b in burst_records),
         ]
-    sections += ["## refusals by code and details", flood_report.details_table(records)]
+    sections += ["## refusals by code and details", bursts.details_table(records)]
     for r in randoms:
         s = r["summary"]
         sections += [
             f"## random requests ({s['requests']} after {r['warmup']} warm-up, "
             f"{r['concurrency']} in flight, {r['wall_s']:.1f} s)",
-            flood_report.kinds_table(r["kinds"]),
-            flood_report.memory_table(r),
+            bursts.kinds_table(r["kinds"]),
+            bursts.memory_table(r),
             f"good request after: {r['probe']['code']}",
         ]
     sections += [
         "## targets",
-        flood_report.targets_table(document["targets"]),
-        flood_report.verdict_lines(document["targets"]),
+        report.targets_table(document["targets"], phase=True),
+        report.target_lines(document["targets"]),
     ]
     text = "\n\n".join(sections)
     print("\n" + text)
     return text
+
+
+def max_queue_delay_ms(args: argparse.Namespace) -> tuple[float, str]:
+    """The server's queue-delay bound (ms, 0 = off) and where that value came from."""
+    if args.max_queue_delay_ms is not None:
+        return float(args.max_queue_delay_ms), QUEUE_DELAY_FLAG
+    given = flag_value(list(args.server_arg), QUEUE_DELAY_FLAG)
+    if given is not None and not args.url:
+        return given, "--server-arg"
+    with contextlib.suppress(ValueError):
+        if os.environ.get(QUEUE_DELAY_ENV) and not args.url:
+            return float(os.environ[QUEUE_DELAY_ENV]), QUEUE_DELAY_ENV
+    from mha.service.core.settings import Settings
+
+    default = Settings().max_queue_delay_ms
+    return default, "assumed: the server's default" if args.url else "the server's default"
+
+
+def flag_value(flags: list[str], name: str) -> float | None:
+    """The last value of `name` in flags ("--x=1" or "--x 1"), as a number."""
+    found = None
+    for i, flag in enumerate(flags):
+        text = None
+        if flag.startswith(name + "="):
+            text = flag.split("=", 1)[1]
+        elif flag == name and i + 1 < len(flags):
+            text = flags[i + 1]
+        if text is not None:
+            with contextlib.suppress(ValueError):
+                found = float(text)
+    return found

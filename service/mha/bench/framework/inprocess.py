@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mha import contract
-from mha.bench.loadgen import LoadResult
+from mha.bench.framework.unary import LoadResult
 from mha.service.core import padding
 
 MASK = contract.KEY_PADDING_MASK

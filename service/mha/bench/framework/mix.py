@@ -1,4 +1,4 @@
-"""The load of `mha bench soak`: a steady closed loop of mixed work, recorded per interval.
+"""A mixed workload: a steady closed loop of every kind of work, recorded per interval.
 
 `concurrency` workers share one channel. Each draws a unit of work (seeded) among the
 models found, runs it to its end, then draws the next:
@@ -8,8 +8,9 @@ models found, runs it to its end, then draws the next:
                then steps of one token, the last with sequence_end
   memory       a sequence on a cross-attention memory model: the memory (S tokens) with
                the first step and sequence_start, steps of one query token, sequence_end
-Requests go as bytes, answers stay undecoded (mha.bench.loadgen's way), so the client's
-own work stays small. Every answer is recorded in the interval it came back in; every
+Requests go as bytes, answers stay undecoded (mha.bench.framework.unary), so the client's
+own work stays small; admission refusals are sent again and counted. Every answer is
+recorded in the interval it came back in; every
 `interval_s` a sampler reads the server's VmRSS and starts the next interval.
 """
 
@@ -25,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-import grpc.aio
 import numpy as np
 
 from mha import contract
-from mha.bench.flood_load import model_infer
+from mha.bench.framework.refusals import Refusals
+from mha.bench.framework.unary import model_infer, send
 from mha.client.core import SequenceStep, infer_request
 
 KINDS = ("self", "cross", "decode", "memory")
@@ -93,6 +93,7 @@ class Interval:
     kinds: list[str] = field(default_factory=list)
     failures: Counter = field(default_factory=Counter)  # code -> count
     details: Counter = field(default_factory=Counter)  # "CODE: details" -> count
+    refused: int = 0  # admission refusals sent again
 
 
 class Recorder:
@@ -103,6 +104,7 @@ class Recorder:
         self.began = time.perf_counter()
         self.intervals = [Interval(0.0)]
         self.requests = 0
+        self.refusals = Refusals()
 
     def now(self) -> float:
         return time.perf_counter() - self.began
@@ -120,11 +122,13 @@ class Recorder:
     def restart(self) -> None:
         self.began = time.perf_counter()
         self.intervals = [Interval(0.0)]
+        self.refusals = Refusals()
 
     def sample(self) -> Interval:
         """Close the current interval with a VmRSS sample, open the next; the closed one."""
         current, now = self.intervals[-1], self.now()
         current.end_s, current.rss_mb = now, self.rss_mb()
+        current.refused = self.refusals.count - sum(i.refused for i in self.intervals[:-1])
         self.intervals.append(Interval(now))
         return current
 
@@ -144,7 +148,7 @@ class Plan:
     seed: int = 0
 
 
-class Soak:
+class MixedLoad:
     """Runs a Plan; Recorder.intervals hold the figures."""
 
     def __init__(
@@ -173,14 +177,9 @@ class Soak:
         return in_time and (not bound or self.recorder.requests < bound)
 
     async def send(self, call: Callable[..., Any], kind: str, body: bytes) -> bool:
-        began = time.perf_counter()
-        try:
-            await call(body, timeout=self.plan.timeout_s)
-            code, details = "OK", ""
-        except grpc.aio.AioRpcError as err:
-            code, details = err.code().name, err.details() or ""
-        self.recorder.answer(kind, time.perf_counter() - began, code, details)
-        return code == "OK"
+        answer = await send(call, body, kind, self.plan.timeout_s, self.recorder.refusals)
+        self.recorder.answer(kind, answer.seconds, answer.code, answer.details)
+        return answer.code == "OK"
 
     async def unit(self, call: Callable[..., Any], rng: random.Random) -> None:
         role = rng.choice(self.plan.roles)
@@ -236,6 +235,7 @@ def merged(first: Interval, second: Interval) -> Interval:
         first.kinds + second.kinds,
         first.failures + second.failures,
         first.details + second.details,
+        first.refused + second.refused,
     )
 
 
@@ -275,10 +275,10 @@ def sequence_requests(role: Role, sequence_id: str, rng: random.Random) -> list[
     return bodies
 
 
-def soak(
+def run_mix(
     plan: Plan,
     rss_mb: Callable[[], float | None],
     on_sample: Callable[[Interval], None] | None = None,
 ) -> list[Interval]:
     """Run the plan; the closed intervals, in order (on_sample sees each as it closes)."""
-    return asyncio.run(Soak(plan, rss_mb, on_sample).run())
+    return asyncio.run(MixedLoad(plan, rss_mb, on_sample).run())

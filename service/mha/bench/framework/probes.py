@@ -1,13 +1,17 @@
-"""The server's view of a burst: the delta of its /metrics histograms over the burst.
+"""Probes: the server's /metrics read while a benchmark runs, and what two reads tell apart.
 
-The server observes a request from the moment its handler started (the whole message
-received and parsed) until the answer; the wire, the client's event loop and the time a
-body waited behind the rest of the burst on one HTTP/2 connection are outside it. Buckets
-are cumulative counts, so the delta of two scrapes is the histogram of what happened in
-between; a quantile is reported as the upper bound of the bucket that holds it ("<= X
-ms"), because the buckets are all the server keeps (mha.service.core.metrics: 0.1 ms to
-10 s). Requests refused by the transport (HTTP/2 REFUSED_STREAM, gRPC's own concurrent-RPC
-limit) never reach the handler and are in none of these counts.
+Totals: the sum and count of a histogram (padding, batch sizes, session runs) and gauges
+(the sequence cache's bytes), so a point's mean batch is samples / runs between two reads.
+The server's view of a spell of load: the delta of its histograms between two scrapes. The
+server observes a request from the moment its handler started (the whole message received
+and parsed) until the answer; the wire, the client's event loop and the time a body waited
+behind others on one HTTP/2 connection are outside it. Buckets are cumulative counts, so
+the delta of two scrapes is the histogram of what happened in between; a quantile is
+reported as the upper bound of the bucket that holds it ("<= X ms"), because the buckets
+are all the server keeps (mha.service.core.metrics: 0.1 ms to 10 s). Requests refused by
+the transport (HTTP/2 REFUSED_STREAM, gRPC's own concurrent-RPC limit) never reach the
+handler and are in none of these counts. Resident memory is a probe too
+(mha.bench.framework.contenders.rss_mb).
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from typing import Any
 REQUEST = "mha_request_duration_seconds"  # handler start -> answer, every request
 QUEUE = "mha_queue_duration_seconds"  # submit -> session run start, accepted requests
 COMPUTE = "mha_compute_duration_seconds"  # one session run (a batch counts once)
+BATCH = "mha_batch_size_samples"
+PADDING = "mha_batch_padding_fraction"
 REQUESTS = "mha_requests_total"  # requests finished, by outcome
+CACHE_BYTES = re.compile(r"^mha_sequence_cache_bytes (\S+)$", re.MULTILINE)
 SUCCESS = "success"
 ALL = "all"  # the group of a histogram without the label asked for
 QUANTILES = {"p50": 0.50, "p99": 0.99}
@@ -37,6 +44,50 @@ def samples(text: str, name: str, model: str) -> Iterable[tuple[dict[str, str], 
             pairs = dict(_LABEL.findall(labels))
             if pairs.get("model") == model:
                 yield pairs, float(value)
+
+
+def histogram_totals(text: str, name: str, model: str) -> tuple[float, float]:
+    """(sum, count) of a histogram over every version of `model`."""
+    total_sum = sum(v for _, v in samples(text, name + "_sum", model))
+    return total_sum, sum(v for _, v in samples(text, name + "_count", model))
+
+
+def totals(text: str | None, model: str) -> dict[str, float]:
+    """What the points' deltas are made of: samples and session runs, padding, compute
+    seconds, and the sequence cache's bytes (a gauge: its value, not a delta)."""
+    if text is None:
+        return {}
+    samples_sum, runs = histogram_totals(text, BATCH, model)
+    pad_sum, pad_count = histogram_totals(text, PADDING, model)
+    compute_s, _ = histogram_totals(text, COMPUTE, model)
+    cache = CACHE_BYTES.search(text)
+    return {
+        "samples": samples_sum,
+        "runs": runs,
+        "pad_sum": pad_sum,
+        "pad_count": pad_count,
+        "compute_s": compute_s,
+        "cache_bytes": float(cache[1]) if cache else math.nan,
+    }
+
+
+def deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
+    """Mean batch, mean padded fraction and mean run time between two reads of totals."""
+
+    def delta(key: str) -> float | None:
+        return after[key] - before[key] if key in before and key in after else None
+
+    runs, samples_n, pad_sum, pad_count = (
+        delta(k) for k in ("runs", "samples", "pad_sum", "pad_count")
+    )
+    compute = delta("compute_s")
+    return {
+        "runs": runs,
+        "mean_batch": samples_n / runs if runs and samples_n is not None else None,
+        # mean over session runs of each run's padded-token fraction
+        "padding_fraction": pad_sum / pad_count if pad_count and pad_sum is not None else None,
+        "run_ms": 1e3 * compute / runs if runs and compute is not None else None,
+    }
 
 
 def histogram(text: str, name: str, model: str, by: str | None = None) -> dict[str, Buckets]:
@@ -133,8 +184,9 @@ def server_view(before: str | None, after: str | None, model: str) -> dict[str, 
     together, the queue time of accepted requests and the session runs."""
     if before is None or after is None:
         return None
-    requests = delta(histogram(before, REQUEST, model, "outcome"),
-                     histogram(after, REQUEST, model, "outcome"))  # fmt: skip
+    requests = delta(
+        histogram(before, REQUEST, model, "outcome"), histogram(after, REQUEST, model, "outcome")
+    )
     bounds = finite_bounds(merged(histogram(after, REQUEST, model).values()))
     old, new = (
         counter(before, REQUESTS, model, "outcome"),
@@ -150,8 +202,7 @@ def server_view(before: str | None, after: str | None, model: str) -> dict[str, 
     }
     if by_outcome:
         view["accepted"] = figures(requests.get(SUCCESS, {}))
-        refused = [v for k, v in requests.items() if k != SUCCESS]
-        view["refused"] = figures(merged(refused))
+        view["refused"] = figures(merged(v for k, v in requests.items() if k != SUCCESS))
     for key, name in (("queue", QUEUE), ("compute", COMPUTE)):
         runs = delta(histogram(before, name, model), histogram(after, name, model))
         view[key] = figures(merged(runs.values()))

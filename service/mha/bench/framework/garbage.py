@@ -1,4 +1,4 @@
-"""The random requests of `mha bench flood`: mostly valid, some hostile, some not protobuf.
+"""Garbage: random requests, mostly valid, some hostile, some not protobuf (`mha bench flood`).
 
 Each request is drawn from (seed, index) alone, so a run can be replayed. Kinds:
   valid           B 1-8, L 1-256, bytes matching (a key_padding_mask now and then): OK
@@ -211,3 +211,11 @@ class RandomRequests:
         for _ in range(rng.randint(1, 8)):  # a few corrupted bytes, mostly in the header
             body[rng.randrange(min(len(body), 64))] = rng.randrange(256)
         return bytes(body)
+
+
+def query_request(shapes: Shapes, batch: int, length: int, seed: int = 0) -> bytes:
+    """A valid request: query [B, L, E] of seeded standard-normal values, raw contents."""
+    dtype = contract.DTYPES[shapes.datatype]
+    shape = [batch, length, shapes.width]
+    raw = np.random.default_rng(seed).standard_normal(shape).astype(dtype).tobytes()
+    return encode(shapes.model, [(contract.QUERY, shapes.datatype, shape, raw)]).SerializeToString()

@@ -9,10 +9,8 @@ arrival rate. A preset with Goals also says where its PASS/MISS targets apply.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +19,7 @@ from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.grpc import codec
 
 SERVER_CONFIGS = ("on", "off", "floor")  # the project's server, started by the bench
-STARTED_CONFIGS = (*SERVER_CONFIGS, "echo")  # echo: mha.bench.echo, the bare gRPC floor
+STARTED_CONFIGS = (*SERVER_CONFIGS, "echo")  # echo: mha.bench.framework.echo, the bare floor
 CONFIGS = (*STARTED_CONFIGS, "inprocess", "external")
 _WORKLOAD = re.compile(r"^(\d+)x(\d+)(?:-(\d+))?$")
 
@@ -78,7 +76,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class Goals:
-    """Where the PASS/MISS targets apply (report.goal_targets): shapes and client counts."""
+    """Where the PASS/MISS targets apply (bounds.goal_targets): shapes and client counts."""
 
     floor_shapes: tuple[str, ...] = ("1x16", "1x128")  # --no-compute vs echo
     server_shapes: tuple[str, ...] = ("1x16", "1x128", "8x128")  # batching on vs the bound
@@ -153,20 +151,6 @@ def plan(presets: tuple[Preset, ...], configs: tuple[str, ...]) -> list[tuple[Po
                 for point in _points(preset, config, Workload.parse(text)):
                     unique.setdefault(point, preset.timing)  # shared points run once
     return list(unique.items())
-
-
-def metadata_from_config(config: dict) -> pb.ModelMetadataResponse:
-    """ModelMetadata as the server would report it, from a model's mha.json."""
-    response = pb.ModelMetadataResponse(name=config["name"], versions=[str(config["version"])])
-    for spec in config["inputs"]:
-        response.inputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
-    for spec in config["outputs"]:
-        response.outputs.add(name=spec["name"], datatype=spec["datatype"], shape=spec["shape"])
-    return response
-
-
-def read_config(version_dir: Path) -> dict:
-    return json.loads((version_dir / "mha.json").read_text())
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Figures, targets and tables of `mha bench flood` (records are the plain dicts of the JSON).
+"""What a burst or a random run tells: refusals classified, targets, `mha bench flood` tables.
 
 A refusal is any answer but OK. It is retryable with a reason when its code is UNAVAILABLE,
 RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED and its details say something beyond what the gRPC
@@ -9,7 +9,7 @@ Each refusal also has a source, from its details: "HTTP/2" when the stream was r
 ("Stream removed", "RST_STREAM ... error code 7" = REFUSED_STREAM, GOAWAY), "gRPC" for the
 library's own words (its concurrent-RPC limit, "Deadline Exceeded", ...), "server" for
 mha's. HTTP/2 resets and gRPC's concurrent-RPC limit come before the handler: the server's
-/metrics never see those requests (mha.bench.flood_metrics).
+/metrics never see those requests (mha.bench.framework.probes).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from mha.bench.flood_load import Answer
+from mha.bench.framework.report import Row, percentile_ms, table, target
+from mha.bench.framework.unary import Answer
 from mha.tables import cell
-from mha.tables import markdown_table as table
 
-Row = dict[str, Any]
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
 FORBIDDEN = ("CANCELLED", "INTERNAL", "UNKNOWN")
 NEVER_FOR_GARBAGE = ("INTERNAL", "UNKNOWN")
@@ -64,11 +61,6 @@ def source(details: str) -> str:
 def before_handler(details: str) -> bool:
     """Whether the transport refused the call before mha's handler could see it."""
     return source(details) == "HTTP/2" or GRPC_LIMIT in details
-
-
-def percentile_ms(seconds: Sequence[float], q: float) -> float | None:
-    finite = [s for s in seconds if math.isfinite(s)]
-    return float(np.percentile(finite, q) * 1e3) if finite else None
 
 
 def trimmed(details: str) -> str:
@@ -124,16 +116,13 @@ def by_kind(answers: Sequence[Answer]) -> dict[str, dict[str, int]]:
     return {kind: dict(sorted(c.items())) for kind, c in sorted(found.items())}
 
 
-def target(phase: str, name: str, value: Any, bound: Any, ok: bool | None) -> Row:
-    return {"phase": phase, "target": name, "value": value, "bound": bound, "ok": ok}
-
-
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+def check(phase: str, name: str, measured: Any, bound: Any, ok: bool | None) -> Row:
+    """A target of one phase."""
+    return target(name, measured, bound, ok=ok, phase=phase)
 
 
 def probe_ok(record: Row) -> Row:
-    return target(
+    return check(
         record["name"],
         "a good request succeeds after",
         record["probe"]["code"],
@@ -147,7 +136,7 @@ def burst_targets(record: Row, max_queue_delay_ms: float) -> list[Row]:
     phase, s = record["name"], record["summary"]
     refused = s["requests"] - s["codes"].get("OK", 0)
     found = [
-        target(
+        check(
             phase,
             "every answer OK or retryable (UNAVAILABLE, RESOURCE_EXHAUSTED, "
             "DEADLINE_EXCEEDED) with its reason in details",
@@ -155,11 +144,11 @@ def burst_targets(record: Row, max_queue_delay_ms: float) -> list[Row]:
             0,
             s["unfit"] == 0,
         ),
-        target(phase, "zero CANCELLED, INTERNAL, UNKNOWN", s["forbidden"], 0, s["forbidden"] == 0),
+        check(phase, "zero CANCELLED, INTERNAL, UNKNOWN", s["forbidden"], 0, s["forbidden"] == 0),
     ]
     p99 = s["refused_p99_ms"]
     found.append(
-        target(
+        check(
             phase,
             "refusals p99 < 50 ms",
             p99,
@@ -173,9 +162,7 @@ def burst_targets(record: Row, max_queue_delay_ms: float) -> list[Row]:
         bound = max_queue_delay_ms + 2 * run_ms
     accepted = s["accepted_p99_ms"]
     ok = None if bound is None or accepted is None else accepted <= bound
-    found.append(
-        target(phase, "accepted p99 <= max queue delay + 2 run times", accepted, bound, ok)
-    )
+    found.append(check(phase, "accepted p99 <= max queue delay + 2 run times", accepted, bound, ok))
     found.append(probe_ok(record))
     return found
 
@@ -183,12 +170,12 @@ def burst_targets(record: Row, max_queue_delay_ms: float) -> list[Row]:
 def random_targets(record: Row, max_growth: float) -> list[Row]:
     phase, s = record["name"], record["summary"]
     bad = sum(s["codes"].get(c, 0) for c in NEVER_FOR_GARBAGE)
-    found = [target(phase, "zero INTERNAL, UNKNOWN", bad, 0, bad == 0)]
+    found = [check(phase, "zero INTERNAL, UNKNOWN", bad, 0, bad == 0)]
     warm, quiet = record["rss_mb"]["warm"], record["rss_mb"]["quiet"]
     bound = warm * (1 + max_growth) if warm is not None else None
     ok = None if bound is None or quiet is None else quiet <= bound
     name = f"VmRSS after the quiet period within {max_growth:.0%} of after warm-up (MB)"
-    found.append(target(phase, name, quiet, bound, ok))
+    found.append(check(phase, name, quiet, bound, ok))
     found.append(probe_ok(record))
     return found
 
@@ -274,20 +261,6 @@ def memory_table(record: Row) -> str:
         [f"after {record['quiet_s']:g} s quiet", rss["quiet"]],
     ]
     return table(["server", "VmRSS MB"], rows)
-
-
-def targets_table(targets: Sequence[Row]) -> str:
-    rows = [[t["phase"], t["target"], t["value"], t["bound"], verdict(t["ok"])] for t in targets]
-    return table(["phase", "target", "measured", "bound", "verdict"], rows)
-
-
-def verdict_lines(targets: Sequence[Row]) -> str:
-    """One line per target: PASS/MISS/n/a, phase, target, measured vs bound."""
-    return "\n".join(
-        f"{verdict(t['ok']):<4}  {t['phase']}: {t['target']} "
-        f"(measured {cell(t['value'])}, bound {cell(t['bound'])})"
-        for t in targets
-    )
 
 
 def breakdown(record: Row) -> Row:

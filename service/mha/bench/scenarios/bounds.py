@@ -1,4 +1,4 @@
-"""Tables and target checks for `mha bench serve` results.
+"""The tables and targets of `mha bench serve`: against in-process, batching, the bound.
 
 Points are plain dicts (what the JSON holds): config, workload, concurrency, rate, merge,
 rps, p50_ms, p90_ms, p99_ms, max_ms, requests, errors, and for served runs mean_batch and
@@ -10,27 +10,12 @@ batching on vs off against the floor+compute bound, and (goal_targets, the PASS/
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from mha.bench.plan import Goals
-from mha.tables import cell
-from mha.tables import markdown_table as table
-
-Row = dict[str, Any]
-
-
-def find(points: Sequence[Row], **where: Any) -> Row | None:
-    """The first point matching every field given."""
-    return next((p for p in points if all(p.get(k) == v for k, v in where.items())), None)
-
-
-def _get(point: Row | None, key: str) -> float:
-    return float(point[key]) if point is not None and point.get(key) is not None else math.nan
-
+from mha.bench.framework.report import Row, find, table, target, value
+from mha.bench.scenarios.points import Goals
 
 POINT_COLUMNS = (
     ("requests", "requests"), ("rps", "req/s"), ("p50_ms", "p50 ms"), ("p90_ms", "p90 ms"),
@@ -59,22 +44,6 @@ def inprocess_best(points: Sequence[Row], workload: str) -> Row | None:
     return max(candidates, key=lambda p: p["rps"], default=None)
 
 
-def verdict(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("met" if ok else "NOT met")
-
-
-def _check(value: float, bound: float, higher_is_better: bool) -> bool | None:
-    if math.isnan(value) or math.isnan(bound):
-        return None
-    return value >= bound if higher_is_better else value <= bound
-
-
-def target(name: str, value: float, bound: float, higher_is_better: bool) -> Row:
-    """One target check: the measured value against its bound."""
-    return {"target": name, "value": value, "bound": bound,
-            "ok": _check(value, bound, higher_is_better)}  # fmt: skip
-
-
 def latency_report(
     points: Sequence[Row], workloads: Sequence[str], servers: Sequence[str] = ("on", "off")
 ) -> tuple[str, list[Row]]:
@@ -84,9 +53,9 @@ def latency_report(
         for config in ("on", "off", "floor", "echo", "inprocess", "external"):
             one = find(points, config=config, workload=w, concurrency=1, merge=1)
             if one is not None:
-                rates = [_get(find(points, config=config, workload=w, concurrency=c, merge=1),
+                rates = [value(find(points, config=config, workload=w, concurrency=c, merge=1),
                               "rps") for c in (1, 4, 16)]  # fmt: skip
-                rows.append([w, config, _get(one, "p50_ms"), _get(one, "p99_ms"), *rates])
+                rows.append([w, config, value(one, "p50_ms"), value(one, "p99_ms"), *rates])
     headers = ["(B,L)", "config", "p50 ms c=1", "p99 ms c=1", "req/s c=1", "req/s c=4",
                "req/s c=16"]  # fmt: skip
     local = find(points, config="inprocess", workload="1x128", concurrency=1, merge=1)
@@ -94,16 +63,16 @@ def latency_report(
     targets = []
     for server in servers:
         served = find(points, config=server, workload="1x128", concurrency=1, merge=1)
-        limit = _get(local, "p50_ms") + 1.3
+        limit = value(local, "p50_ms") + 1.3
         name = f"(1,128) p50 c=1 {server} <= in-process p50 + 1.3 ms"
-        targets.append(target(name, _get(served, "p50_ms"), limit, False))
+        targets.append(target(name, value(served, "p50_ms"), limit, False))
         for w, share in (("1x128", 0.55), ("1x16", 0.25)):
-            rps = _get(find(points, config=server, workload=w, concurrency=16, merge=1), "rps")
+            rps = value(find(points, config=server, workload=w, concurrency=16, merge=1), "rps")
             best = inprocess_best(singles, w)
             where = f"c={best['concurrency']}" if best else "-"
             targets.append(target(f"({w.replace('x', ',')}) req/s c=16 {server} >= {share:.0%} "
                                   f"of in-process (its best, {where})", rps,
-                                  share * _get(best, "rps"), True))  # fmt: skip
+                                  share * value(best, "rps"), True))  # fmt: skip
     return table(headers, rows), targets
 
 
@@ -120,21 +89,21 @@ def batching_report(
         if on is None and off is None:
             continue
         on_rps, off_rps, on_p99, off_p99 = (
-            _get(on, "rps"), _get(off, "rps"), _get(on, "p99_ms"), _get(off, "p99_ms"),
+            value(on, "rps"), value(off, "rps"), value(on, "p99_ms"), value(off, "p99_ms"),
         )  # fmt: skip
-        bound = 1 / (1 / _get(floor, "rps") + 1 / _get(local, "rps"))
+        bound = 1 / (1 / value(floor, "rps") + 1 / value(local, "rps"))
         best = max(on_rps, off_rps)
         how = f"c={local['concurrency']} x{local['merge']}" if local else None
         rows.append([w, on_rps, off_rps, on_rps / off_rps, on_p99, off_p99,
-                     _get(on, "padding_fraction"), _get(on, "mean_batch"), _get(floor, "rps"),
-                     _get(local, "rps"), how, bound, best / bound])  # fmt: skip
+                     value(on, "padding_fraction"), value(on, "mean_batch"), value(floor, "rps"),
+                     value(local, "rps"), how, bound, best / bound])  # fmt: skip
         targets += [
             target(f"{w}: req/s on >= 1.0x off", on_rps, off_rps, True),
             target(f"{w}: p99 on <= 1.1x p99 off", on_p99, 1.1 * off_p99, False),
             target(f"{w}: best server >= 90% of floor+compute bound", best, 0.9 * bound, True),
         ]
         if "-" in w:  # the length mix
-            pad = _get(on, "padding_fraction")
+            pad = value(on, "padding_fraction")
             targets.append(target(f"{w}: padded-token fraction (on) <= 25%", pad, 0.25, False))
     headers = [
         "workload",
@@ -191,7 +160,7 @@ def closed(points: Sequence[Row], config: str, workload: str, clients: int) -> R
 
 
 def _figure(points: Sequence[Row], config: str, w: str, clients: int, key: str) -> float:
-    return _get(closed(points, config, w, clients), key)
+    return value(closed(points, config, w, clients), key)
 
 
 def shape_bound(points: Sequence[Row], workload: str, clients: int) -> float:
@@ -240,10 +209,10 @@ def batching_targets(points: Sequence[Row], workload: str, clients: int) -> list
     on, off = closed(points, "on", workload, clients), closed(points, "off", workload, clients)
     w = _shape(workload)
     return [
-        target(f"batching {w} req/s c={clients} on >= off", _get(on, "rps"), _get(off, "rps"),
+        target(f"batching {w} req/s c={clients} on >= off", value(on, "rps"), value(off, "rps"),
                True),
-        target(f"batching {w} p99 ms c={clients} on <= off", _get(on, "p99_ms"),
-               _get(off, "p99_ms"), False),
+        target(f"batching {w} p99 ms c={clients} on <= off", value(on, "p99_ms"),
+               value(off, "p99_ms"), False),
     ]  # fmt: skip
 
 
@@ -262,9 +231,9 @@ CONTENDERS = ("echo", "inprocess", "floor", "on", "off", "external")
 OF_ECHO, OF_BOUND = {"floor", "on", "off", "external"}, {"on", "off", "external"}
 
 
-def _share(value: float, whole: float) -> str:
+def _share(part: float, whole: float) -> str:
     """value / whole as a percentage; "-" when either is missing."""
-    ratio = value / whole if whole > 0 else math.nan
+    ratio = part / whole if whole > 0 else math.nan
     return "-" if math.isnan(ratio) else f"{ratio:.0%}"
 
 
@@ -311,47 +280,3 @@ def bounds(points: Sequence[Row], workloads: Sequence[str], clients: int) -> dic
         }
         for w in workloads
     }
-
-
-def pass_miss(ok: bool | None) -> str:
-    return "n/a" if ok is None else ("PASS" if ok else "MISS")
-
-
-def target_lines(targets: Sequence[Row]) -> str:
-    """One line per target: PASS/MISS/n/a, its name, the measured value and the bound."""
-    return "\n".join(
-        f"{pass_miss(t['ok']):<4}  {t['target']}: measured {cell(t['value'])}, "
-        f"bound {cell(t['bound'])}"
-        for t in targets
-    )
-
-
-def targets_table(targets: Sequence[Row]) -> str:
-    return table(
-        ["target", "measured", "bound", "verdict"],
-        [[t["target"], t["value"], t["bound"], verdict(t["ok"])] for t in targets],
-    )
-
-
-def load_heading(title: str, machine: Row) -> str:
-    """A table's heading with the machine's load average before and after the run."""
-    return (
-        f"\n{title} (load average before {machine['loadavg_before'][0]:.2f}, after "
-        f"{machine['loadavg_after'][0]:.2f}; {machine['cpus']} CPUs, shared machine)"
-    )
-
-
-def write_json(path: Path, document: Row) -> None:
-    """Strict JSON (NaN and infinities as null) of a benchmark's document."""
-    path.write_text(json.dumps(finite_json(document), indent=1, allow_nan=False))
-
-
-def finite_json(value: Any) -> Any:
-    """The document with NaN and infinities as None, so strict JSON can hold it."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite_json(v) for v in value]
-    return value

@@ -29,7 +29,7 @@ ModelStreamInferResponse (looked up by length the same way), in arrival order: t
 ServerLive, ServerReady, ModelReady and ModelMetadata answer too (from the model's mha.json),
 so clients set up as they do against `mha serve`.
 
-Run: python -m mha.bench.echo --model-dir REPO/MODEL/VERSION --port 0 --port-file FILE
+Run: python -m mha.bench.framework.echo --model-dir REPO/MODEL/VERSION --port 0 --port-file FILE
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 from mha import contract
-from mha.bench.plan import metadata_from_config, read_config
+from mha.bench.framework.models import metadata_from_config, read_config
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.core import memory
 from mha.service.core.settings import Settings
@@ -214,7 +214,7 @@ async def serve(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mha.bench.echo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mha.bench.framework.echo", description=__doc__)
     parser.add_argument("--model-dir", type=Path, required=True, help="a version folder")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 = any free port")

@@ -1,0 +1,1 @@
+"""The framework every benchmark is built of: contenders, workloads, probes, one report."""

@@ -1,0 +1,1 @@
+"""The benchmarks, each a short declaration over mha.bench.framework."""

@@ -1,0 +1,515 @@
+"""`mha bench decode`: decoding with the server's KV cache against recomputing every prefix.
+
+Two exports of the same seeded weights (models.DECODE_PAIR): a KV-cache step model and a
+stateless causal one. Workloads: a prompt of P tokens, then `steps` steps of one token,
+for 1, 8 and 32 sequences at once, each run --repeats times and pooled. Contenders, side
+by side in one run, one `mha serve` per configuration on loopback, all up at once, taking
+turns workload by workload, the order rotating per repeat (mha.bench.framework.rounds):
+  cached        batching on (continuous batching of steps), the step model, server-held cache
+  recompute     the same server, the causal model, each step sends the whole prefix
+  batching-off  `mha serve --no-batching`, the cached workload
+  echo          the bare echo answering each message of the cached workload with prebuilt
+                zeros of a step's answer: the protocol's floor
+  in-process    session.run of the step graph in this process, its own cache, 1 sequence
+Figures, not a test: every target is a ratio of two contenders of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mha.bench.framework import models, options, report
+from mha.bench.framework.contenders import Contenders, ServerFailed
+from mha.bench.framework.inprocess import make_session
+from mha.bench.framework.report import Row, find, ratio, table, target, value
+from mha.bench.framework.rounds import run_rounds
+from mha.bench.framework.sequences import (
+    DTYPE,
+    Measured,
+    SequencePlan,
+    Served,
+    agreement,
+    run_sequences,
+)
+from mha.client import ClientError, SequenceStep
+from mha.contract import QUERY
+from mha.errors import CliError
+from mha.service.core import decoding
+
+CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process")
+SERVED = {"on": ("cached", "recompute"), "off": ("batching-off",)}  # server config -> contenders
+CACHE_VS_RECOMPUTE = 10.0  # cached tokens/s over recompute's, at the longest prompt
+BATCHING_ON_VS_OFF = 2.0  # continuous batching's tokens/s over batching off's, most sequences
+STEP_OVER_FLOOR_MS = 0.15  # serving's targets, for a step: p50 over echo + in-process
+SHARE_OF_BOUND = 0.9  # and tokens/s against the bound of the two
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The model's size and the workloads' grid."""
+
+    d_model: int
+    num_heads: int
+    prompts: tuple[int, ...]
+    steps: int
+    sequences: tuple[int, ...]
+    recompute_sequences: tuple[int, ...]  # recompute is slow: a step is a whole forward
+    repeats: int  # runs of each workload, pooled: 64 steps of one sequence are few samples
+
+
+FULL = Sizes(512, 8, (128, 1024), 64, (1, 8, 32), (1,), 3)
+QUICK = Sizes(64, 4, (8,), 4, (1, 4), (1,), 1)  # seconds, for the test
+
+
+@dataclass(frozen=True)
+class Workload:
+    """`sequences` sequences at once, each a prompt of P tokens then `steps` steps of one."""
+
+    prompt: int
+    steps: int
+    sequences: int
+
+    @property
+    def label(self) -> str:
+        return f"P={self.prompt} x{self.sequences}"
+
+    def tokens(self, width: int, seed: int) -> list[np.ndarray]:
+        """Each sequence's tokens [1, P + steps, E], seeded by (seed, P, index): sequence i
+        of a prompt length is the same for every contender, so answers can be compared."""
+        shape = (1, self.prompt + self.steps, width)
+        return [
+            np.random.default_rng((seed, self.prompt, i)).standard_normal(shape).astype(DTYPE)
+            for i in range(self.sequences)
+        ]
+
+    def plans(self, cached: bool, width: int, seed: int, tag: str) -> list[SequencePlan]:
+        """cached: the prompt once, then one token per step (the server holds K/V);
+        recompute: step k sends the whole prefix [1, P + k, E] and keeps the last row."""
+        found, p, n = [], self.prompt, self.steps
+        for i, t in enumerate(self.tokens(width, seed)):
+            sequence = f"{tag}-{i}"
+            if cached:
+                start = ({QUERY: t[:, :p]}, SequenceStep(sequence, start=True))
+                steps = [
+                    ({QUERY: t[:, p + k - 1 : p + k]}, SequenceStep(sequence))
+                    for k in range(1, n + 1)
+                ]
+                found.append(SequencePlan(start, steps))
+            else:
+                found.append(
+                    SequencePlan(None, [({QUERY: t[:, : p + k]}, None) for k in range(1, n + 1)])
+                )
+        return found
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to measure")
+    what.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (d_model 64, P 8, 4 steps, 1 and 4 sequences; for tests)",
+    )
+    what.add_argument(
+        "--prompts",
+        type=options.whole_numbers,
+        help="comma-separated prompt lengths P (default 128,1024)",
+    )
+    what.add_argument("--steps", type=int, help="steps of one token after the prompt (default 64)")
+    what.add_argument(
+        "--sequences",
+        type=options.whole_numbers,
+        help="comma-separated sequences at once (default 1,8,32)",
+    )
+    what.add_argument(
+        "--recompute-sequences",
+        type=options.whole_numbers,
+        help="the same for recompute (default 1)",
+    )
+    what.add_argument("--repeats", type=int, help="runs of each workload, pooled (default 3)")
+    what.add_argument("--contestants", help=f"comma-separated subset of {', '.join(CONTENDERS)}")
+    what.add_argument("--d-model", type=int, help="model width (default 512)")
+    what.add_argument("--num-heads", type=int, help="attention heads (default 8)")
+    what.add_argument("--seed", type=int, default=0, help="random tokens' seed (default 0)")
+    options.add_server_arguments(parser, options.MODELS_HELP)
+    options.add_output_arguments(parser, Path("bench-out/decode"))
+
+
+def in_process(session: Any, workload: Workload, width: int, seed: int) -> Measured:
+    """One sequence through the step graph in this process, its cache in two numpy buffers
+    (filled rows handed to ONNX Runtime as views, the step's new rows appended)."""
+    [tokens] = Workload(workload.prompt, workload.steps, 1).tokens(width, seed)
+    keys = np.empty((1, workload.prompt + workload.steps, width), DTYPE)
+    values = np.empty_like(keys)
+
+    def step(length: int, new: int) -> tuple[np.ndarray, float]:
+        began = time.perf_counter()
+        feeds = decoding.step_inputs(
+            tokens[:, length : length + new], keys[:, :length], values[:, :length]
+        )
+        output, new_key, new_value = session.run(list(decoding.STEP_OUTPUTS), feeds)
+        keys[:, length : length + new], values[:, length : length + new] = new_key, new_value
+        return output[0, -1], time.perf_counter() - began
+
+    row, prefill = step(0, workload.prompt)
+    started, seconds = time.perf_counter(), []
+    for k in range(workload.steps):
+        row, took = step(workload.prompt + k, 1)
+        seconds.append(took)
+    return Measured(seconds, time.perf_counter() - started, [prefill], row)
+
+
+def measure(
+    args: argparse.Namespace,
+    sizes: Sizes,
+    pair: models.Pair,
+    wanted: tuple[str, ...],
+    contenders: Contenders,
+) -> dict[str, Any]:
+    """Start the servers, warm every contender up, run the rounds; the document's figures."""
+    width, seed = sizes.d_model, args.seed
+    runners: dict[str, Callable[[Workload, str], Measured]] = {}
+    places: dict[str, str | None] = {}
+    if "in-process" in wanted:
+        session = make_session(pair.dir(0) / "model.onnx", args.threads)
+        in_process(session, Workload(min(sizes.prompts), 2, 1), width, seed)  # warm-up
+        runners["in-process"] = lambda w, _tag: in_process(session, w, width, seed)
+        places["in-process"] = None
+    for config, names in SERVED.items():
+        for name in (n for n in names if n in wanted):
+            server = contenders.started.get(config) or contenders.serve(
+                config, pair.repository, config
+            )
+            runners[name], places[name] = (
+                served(server.url, name, pair, server.metrics, sizes, seed),
+                config,
+            )
+    if "echo" in wanted:
+        echo = contenders.echo(pair.dir(0))
+        runners["echo"], places["echo"] = (
+            served(echo.url, "echo", pair, lambda: None, sizes, seed),
+            "echo",
+        )
+    counts = {"recompute": sizes.recompute_sequences, "in-process": (1,)}
+    runs, order = run_rounds(
+        runners,
+        lambda name: [
+            Workload(p, sizes.steps, n)
+            for p in sizes.prompts
+            for n in counts.get(name, sizes.sequences)
+        ],
+        sizes.repeats,
+        lambda name, w, r: f"{name}-{w.prompt}-{w.sequences}-{r}",
+    )
+    records, rows = [], {}
+    for (name, workload), measured in runs.items():
+        pooled = Measured.pooled(measured)
+        records.append(record(name, places[name], workload, pooled, width))
+        rows[name, workload.prompt] = pooled.first_row
+        report.say(line(records[-1]))
+    return {
+        "servers": {c: s.record() for c, s in contenders.started.items()},
+        "points": sorted(records, key=lambda r: list(runners).index(r["contestant"])),
+        "agreement": agreement(rows, ("prompt",), skip=("echo",)),
+        "order": [{"contestant": n, "workload": w.label, "repeat": r} for r, n, w in order],
+    }
+
+
+def served(
+    url: str,
+    name: str,
+    pair: models.Pair,
+    metrics: Callable[[], str | None],
+    sizes: Sizes,
+    seed: int,
+) -> Callable[[Workload, str], Measured]:
+    cached = name != "recompute"
+    how = Served(url, pair.names[0 if cached else 1], cached and name != "echo", metrics)
+    warm_up = Workload(min(sizes.prompts), 2, max(sizes.sequences))
+    run_sequences(how, warm_up.plans(cached, sizes.d_model, seed, f"{name}-warm-up"))
+    return lambda w, tag: run_sequences(how, w.plans(cached, sizes.d_model, seed, tag))
+
+
+def record(
+    name: str, server: str | None, workload: Workload, measured: Measured, width: int
+) -> Row:
+    """One point of bench.json."""
+    held = name not in ("recompute", "echo")  # what the cache rows of every sequence take
+    context = workload.prompt + workload.steps
+    found = {
+        "contestant": name,
+        "server": server,
+        "prompt": workload.prompt,
+        "steps": workload.steps,
+        "sequences": workload.sequences,
+        **measured.record(),
+        "prefill_p50_ms": float(np.median(measured.first_s)) * 1e3 if name != "recompute" else None,
+        "cache_rows_bytes": 2 * width * 4 * context * workload.sequences if held else None,
+    }
+    if name == "echo":
+        found["cache_bytes"] = None
+    return found
+
+
+def line(r: Row) -> str:
+    refused = f"  {r['refused']} refusals sent again" if r["refused"] else ""
+    return (
+        f"{r['contestant']:<12} P={r['prompt']} x{r['sequences']:<6} {r['tokens_per_s']:9.1f} "
+        f"tokens/s  step p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms{refused}"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    sizes = options.laid_over(
+        QUICK if args.quick else FULL, args, ("steps", "d_model", "num_heads", "repeats")
+    )
+    wanted = options.chosen(args.contestants, CONTENDERS, "--contestants")
+    repository = args.repository or args.out / "models"
+    pair = models.ensure_pair(models.DECODE_PAIR, repository, sizes.d_model, sizes.num_heads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.time(), os.getloadavg()
+    try:
+        with Contenders(args.out / "logs", args.threads, args.server_arg) as contenders:
+            figures = measure(args, sizes, pair, wanted, contenders)
+    except (ServerFailed, ClientError) as err:  # a server that died, a step that failed
+        raise CliError(" ".join(str(err).split())) from None
+    document: dict[str, Any] = {
+        "preset": "quick" if args.quick else "full",
+        "sizes": options.sizes_record(sizes),
+        "started": started,
+        "seconds": time.time() - started,
+        "machine": report.machine(load_before),
+        "models": {"repository": str(repository), "kv": pair.names[0], "full": pair.names[1]},
+        **figures,
+    }
+    document["targets"] = print_tables(document)
+    title = f"mha bench decode (d_model {sizes.d_model}, {sizes.steps} steps)"
+    panels = (
+        ("tokens_per_s", "decoded tokens/s (all sequences)", None),
+        ("p50_ms", "step ms", "p99_ms"),
+    )
+    plot = (
+        None
+        if args.no_plot
+        else lambda path: report.lines_plot(
+            "decode",
+            document["points"],
+            "prompt",
+            "context length at the first step (prompt P)",
+            panels,
+            path,
+            title,
+        )
+    )
+    report.write(args.out, document, plot=plot)
+    return 0
+
+
+def print_tables(document: Row) -> list[Row]:
+    """Print every table; return the targets."""
+    points = document["points"]
+    print(report.load_heading("decode figures", document["machine"]))
+    columns = (
+        "contestant",
+        "server",
+        "prompt",
+        "sequences",
+        "steps",
+        "tokens_per_s",
+        "p50_ms",
+        "p99_ms",
+        "prefill_p50_ms",
+        "mean_batch",
+        "cache_bytes",
+        "cache_rows_bytes",
+    )
+    headers = [
+        "contestant",
+        "server",
+        "P",
+        "sequences",
+        "steps",
+        "tokens/s",
+        "step p50 ms",
+        "step p99 ms",
+        "prefill p50 ms",
+        "mean batch",
+        "cache MB (server)",
+        "cache MB (rows)",
+    ]
+    rows = [
+        [
+            (r[c] / MB if r[c] is not None else None)
+            if c.endswith("bytes")
+            else (r[c] or "-")
+            if c == "server"
+            else r[c]
+            for c in columns
+        ]
+        for r in points
+    ]
+    print(table(headers, rows))
+    targets = []
+    for title, section in (
+        ("KV cache vs recompute", cache_vs_recompute),
+        ("continuous batching on vs off", batching_on_vs_off),
+        ("gRPC step vs the protocol floor and the in-process ceiling", served_vs_floor),
+    ):
+        text, found = section(points)
+        print(f"\n{title}\n{text}")
+        targets += found
+    rows = [[a["prompt"], a["pair"], a["max_abs_diff"]] for a in document["agreement"]]
+    print(
+        "\nsame answers\n"
+        + table(["P", "contestants", "max abs diff, sequence 0's last output row"], rows)
+    )
+    print("\ntargets\n" + report.targets_table(targets))
+    return targets
+
+
+def cache_vs_recompute(points: list[Row]) -> tuple[str, list[Row]]:
+    """Cached vs recompute per prompt and sequence count; the target at the longest prompt."""
+    rows, targets = [], []
+    longest = max((r["prompt"] for r in points), default=0)
+    for r in (r for r in points if r["contestant"] == "recompute"):
+        cached = find(points, contestant="cached", prompt=r["prompt"], sequences=r["sequences"])
+        times = ratio(cached, r, "tokens_per_s")
+        rows.append(
+            [
+                r["prompt"],
+                r["sequences"],
+                value(cached, "tokens_per_s"),
+                r["tokens_per_s"],
+                times,
+                value(cached, "p50_ms"),
+                r["p50_ms"],
+            ]
+        )
+        if r["prompt"] == longest:
+            at = f"P={longest} x{r['sequences']}"
+            name = f"{at}: cached tokens/s >= {CACHE_VS_RECOMPUTE:g}x recompute"
+            targets.append(target(name, times, CACHE_VS_RECOMPUTE, True))
+    headers = [
+        "P",
+        "sequences",
+        "cached tokens/s",
+        "recompute tokens/s",
+        "cached/recompute",
+        "cached p50 ms",
+        "recompute p50 ms",
+    ]
+    return table(headers, rows), targets
+
+
+def batching_on_vs_off(points: list[Row]) -> tuple[str, list[Row]]:
+    """Continuous batching vs batching off per point; the target at the most sequences."""
+    rows, targets = [], []
+    offs = [r for r in points if r["contestant"] == "batching-off"]
+    most = max((r["sequences"] for r in offs), default=0)
+    for off in offs:
+        on = find(points, contestant="cached", prompt=off["prompt"], sequences=off["sequences"])
+        times = ratio(on, off, "tokens_per_s")
+        rows.append(
+            [
+                off["prompt"],
+                off["sequences"],
+                value(on, "tokens_per_s"),
+                off["tokens_per_s"],
+                times,
+                value(on, "p99_ms"),
+                off["p99_ms"],
+                value(on, "mean_batch"),
+            ]
+        )
+        if off["sequences"] == most:
+            name = (
+                f"P={off['prompt']} x{most}: batching on tokens/s >= "
+                f"{BATCHING_ON_VS_OFF:g}x batching off"
+            )
+            targets.append(target(name, times, BATCHING_ON_VS_OFF, True))
+    headers = [
+        "P",
+        "sequences",
+        "on tokens/s",
+        "off tokens/s",
+        "on/off",
+        "on p99 ms",
+        "off p99 ms",
+        "on mean batch",
+    ]
+    return table(headers, rows), targets
+
+
+def served_vs_floor(points: list[Row]) -> tuple[str, list[Row]]:
+    """The cached step over gRPC against the protocol's floor (the echo's step) and the
+    in-process ceiling, with serving's targets (`mha bench serve`) where both were measured.
+
+    bound = 1 / (1/echo tokens/s + 1/in-process tokens/s): the protocol and the step's
+    compute one after the other on the same cores (the in-process step of one sequence, the
+    echo's at the point's sequences). Over = cached p50 - echo p50 - in-process p50, at one
+    sequence (with more, a step's latency includes the other sequences' turns).
+    """
+    rows, targets = [], []
+    for cached in (r for r in points if r["contestant"] == "cached"):
+        prompt, sequences = cached["prompt"], cached["sequences"]
+        echo = find(points, contestant="echo", prompt=prompt, sequences=sequences)
+        local = find(points, contestant="in-process", prompt=prompt, sequences=1)
+        if echo is None and local is None:
+            continue
+        rate, echo_rate, local_rate = (value(r, "tokens_per_s") for r in (cached, echo, local))
+        bound = 1 / (1 / echo_rate + 1 / local_rate)
+        over = cached["p50_ms"] - value(echo, "p50_ms") - value(local, "p50_ms")
+        single = sequences == 1
+        rows.append(
+            [
+                prompt,
+                sequences,
+                value(echo, "p50_ms"),
+                value(local, "p50_ms"),
+                cached["p50_ms"],
+                over if single else None,
+                ratio(cached, local, "p50_ms") if single else None,
+                echo_rate,
+                local_rate,
+                bound,
+                rate,
+                rate / bound,
+            ]
+        )
+        if echo is None or local is None:
+            continue
+        label = f"P={prompt} x{sequences}"
+        if single:
+            name = f"{label}: step p50 <= echo + in-process + {STEP_OVER_FLOOR_MS:g} ms"
+            targets.append(target(name, over, STEP_OVER_FLOOR_MS, False))
+        targets.append(
+            target(
+                f"{label}: tokens/s >= {SHARE_OF_BOUND:.0%} of bound",
+                rate / bound,
+                SHARE_OF_BOUND,
+                True,
+            )
+        )
+    headers = [
+        "P",
+        "sequences",
+        "echo p50 ms",
+        "in-process p50 ms",
+        "gRPC p50 ms",
+        "over echo + in-process ms",
+        "gRPC/in-process p50",
+        "echo tokens/s",
+        "in-process tokens/s",
+        "bound tokens/s",
+        "gRPC tokens/s",
+        "of bound",
+    ]
+    return table(headers, rows), targets
