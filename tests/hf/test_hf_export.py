@@ -134,7 +134,8 @@ class Kept(logging.Handler):
 
 
 def test_torchvision_notices_are_dropped_and_nothing_else():
-    from mha.export.cli import REGISTRY_LOGGER, require_export_extra
+    from mha.export.cli import require_export_extra
+    from mha.export.quiet import REGISTRY_LOGGER
 
     require_export_extra("mha export")
     registry, kept = logging.getLogger(REGISTRY_LOGGER), Kept()

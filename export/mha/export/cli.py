@@ -169,20 +169,6 @@ SIZE_FLAGS = {
 }
 
 
-class TorchvisionNotice(logging.Filter):
-    """Drops torch.onnx's "torchvision is not installed. Skipping torchvision::nms" (and
-    roi_align, roi_pool, deform_conv2d): its op registry logs one per torchvision op it
-    cannot register, at every export, though no attention graph uses them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("torchvision is not installed")
-
-
-# The logger of torch/onnx/_internal/exporter/_registration.py, which emits the notices.
-# Quieting "torch.onnx" by level does not hold: importing torch resets its loggers' levels.
-REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
-
-
 def require_export_extra(command: str) -> None:
     """Quiet the exporters' loggers; CliError when the export extra is not installed."""
     for name in NOISY_LOGGERS:
@@ -197,9 +183,9 @@ def require_export_extra(command: str) -> None:
             f"`{command}` needs the export extra ({err.name} is missing): "
             "pip install 'mha-serve[export]'"
         ) from err
-    registry = logging.getLogger(REGISTRY_LOGGER)
-    if not any(isinstance(f, TorchvisionNotice) for f in registry.filters):
-        registry.addFilter(TorchvisionNotice())
+    from mha.export.quiet import drop_torchvision_notices
+
+    drop_torchvision_notices()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from mha.export.graph import MemoryGraph, MemoryStepGraph, StepGraph, build_grap
 from mha.export.memory_cases import memory_cases
 from mha.export.onnx_graph import annotate_fused_outputs, drop_unused_outputs, name_io_axes
 from mha.export.options import TARGETS, TOLERANCE, ExportOptions
+from mha.export.quiet import drop_torchvision_notices
 from mha.export.signature import (
     contract_dims,
     dynamic_shapes,
@@ -134,6 +135,7 @@ def trace(
     """torch.onnx (dynamo) export with the target's fused-op translation."""
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
     spec = spec_of(module, options)
+    drop_torchvision_notices()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
