@@ -92,7 +92,7 @@ def machine(threads: int) -> dict:
 
 
 def parse_shapes(values: list[str] | None, quick: bool) -> list[Shape]:
-    """'8x128' -> (8, 128); the issue's shapes (or the quick ones) by default."""
+    """'8x128' -> (8, 128); the targets' shapes (or the quick ones) by default."""
     if not values:
         return list(QUICK_SHAPES if quick else SHAPES)
     shapes = []
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         f"\n{before['threads']} threads for torch and ORT on {before['cores']} cores; "
         f"load average {before['loadavg'][0]:.2f} before, {after['loadavg'][0]:.2f} after"
     )
-    print("targets (issue 2 section 5; figures, not a gate):")
+    print("targets (figures, not a gate):")
     print(target_lines(report["targets"]))
     args.out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = args.out / "bench-export.json", args.out / "bench-export.png"

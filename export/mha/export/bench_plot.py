@@ -8,7 +8,7 @@ import numpy as np
 
 from mha.tables import markdown_table
 
-# Issue 2 section 5: `ort` speed-up over torch nn.MultiheadAttention per (B, L), both masks.
+# The `ort` speed-up over torch nn.MultiheadAttention required per (B, L), both masks.
 REQUIRED_VS_TORCH: dict[tuple[int, int], float] = {
     (1, 16): 1.5,
     (1, 1024): 1.5,
@@ -42,7 +42,7 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """Issue 2 section 5's targets for `ort`: vs torch nn.MHA per shape, and never slower
+    """The targets of `ort`: vs torch nn.MHA per shape, and never slower
     than `none`. Judged on wall medians (the CPU-time ratio rides along when measured)."""
     checks = []
     for row in rows:
@@ -94,7 +94,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def target_lines(checks: list[dict]) -> str:
-    """PASS/MISS lines for issue 2 section 5's targets, flagging contended measurements."""
+    """PASS/MISS lines for the targets, flagging contended measurements."""
     lines = []
     for c in checks:
         line = (

@@ -58,6 +58,11 @@ def rss_mb(pid: int | None) -> float | None:
     return int(match[1]) * 1024 / 1e6 if match else None
 
 
+def loopback(port_file: Path) -> list[str]:
+    """The flags of a server on loopback that binds port 0 and writes the port it got."""
+    return ["--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file)]
+
+
 def log_tail(path: Path | None, lines: int = 15) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path else ""
@@ -165,23 +170,9 @@ class Contenders:
         program = mha_command()
         if leak_mb_per_s > 0:
             program = [sys.executable, "-m", "mha.bench.framework.leak", f"{leak_mb_per_s:g}"]
-        command = [
-            *program,
-            "serve",
-            "--repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-            "--metrics-port",
-            "0",
-            "--metrics-port-file",
-            str(metrics_file),
-            *flags,
-        ]
+        metrics = ["--metrics-port", "0", "--metrics-port-file", str(metrics_file)]
+        command = [*program, "serve", "--repository", str(repository), *loopback(port_file),
+                   *metrics, *flags]  # fmt: skip
         print(f"starting mha serve ({name}) ...", file=sys.stderr, flush=True)
         serving: Callable[[Client], bool] = lambda c: c.health("") == "SERVING"  # noqa: E731
         server = self._launch(name, command, port_file, 180.0, serving, "mha serve")
@@ -192,19 +183,8 @@ class Contenders:
     def echo(self, version_dir: Path, name: str = "echo") -> Server:
         """Start the echo (no /metrics, no ModelStatistics) and wait until ServerReady."""
         port_file = Path(tempfile.mkdtemp(dir=self._files.name)) / "port"
-        command = [
-            sys.executable,
-            "-m",
-            "mha.bench.framework.echo",
-            "--model-dir",
-            str(version_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-file",
-            str(port_file),
-        ]
+        command = [sys.executable, "-m", "mha.bench.framework.echo", "--model-dir",
+                   str(version_dir), *loopback(port_file)]  # fmt: skip
         print("starting the echo server ...", file=sys.stderr, flush=True)
         server = self._launch(name, command, port_file, 60.0, Client.ready, "echo")
         server.flags = ["echo"]

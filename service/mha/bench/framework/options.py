@@ -107,3 +107,27 @@ def add_output_arguments(
 
 def sizes_record(sizes: Any) -> dict[str, Any]:
     return {k: getattr(sizes, k) for k in sizes.__dataclass_fields__}
+
+
+Flag = tuple[str, dict[str, Any]]  # a flag and its argparse keywords
+
+
+def add_flags(group: argparse._ActionsContainer, flags: Sequence[Flag]) -> None:
+    """A scenario's flags, declared as data."""
+    for name, keywords in flags:
+        group.add_argument(name, **keywords)
+
+
+SIZE_FLAGS: tuple[Flag, ...] = (
+    ("--repeats", dict(type=int, help="runs of each workload, pooled (default 3)")),
+    ("--num-heads", dict(type=int, help="attention heads (default 8)")),
+    ("--seed", dict(type=int, default=0, help="random tensors' seed (default 0)")),
+)  # fmt: skip
+
+
+def add_sized_arguments(parser: argparse.ArgumentParser, flags: Sequence[Flag], out: Path) -> None:
+    """A scenario over a pair of models of a given size: its flags, --repeats, --num-heads,
+    --seed, the server group (--repository: where the pair is) and the output group."""
+    add_flags(parser.add_argument_group("what to measure"), (*flags, *SIZE_FLAGS))
+    add_server_arguments(parser, MODELS_HELP)
+    add_output_arguments(parser, out)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,11 @@ def machine(load_before: tuple[float, float, float]) -> Row:
     }
 
 
+def run_record(started: float, load_before: tuple[float, float, float]) -> Row:
+    """The head of every bench.json: when it started, how long it took, the machine."""
+    return {"started": started, "seconds": time.time() - started, "machine": machine(load_before)}
+
+
 def load_heading(title: str, machine: Row) -> str:
     """A table's heading with the machine's load average before and after the run."""
     return (
@@ -197,3 +203,41 @@ def lines_plot(
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+Column = tuple[str, "str | Callable[[Row], Any]"]  # a header and a record's key or getter
+
+
+def columns_table(records: Sequence[Row], columns: Sequence[Column]) -> str:
+    """One row per record, one column per (header, key or getter)."""
+    rows = [[get(r) if callable(get) else r.get(get) for _, get in columns] for r in records]
+    return table([header for header, _ in columns], rows)
+
+
+def versus(points: Sequence[Row], top: str, bottom: str, where: Sequence[str]) -> list[Row]:
+    """For every point of contender `bottom`, the point of `top` at the same `where`, as one
+    record {"top": ..., "bottom": ...} (top None when it was not measured)."""
+    return [{"top": find(points, contestant=top, **{k: b[k] for k in where}), "bottom": b}
+            for b in points if b["contestant"] == bottom]  # fmt: skip
+
+
+def scaled(key: str, unit: float) -> Callable[[Row], float | None]:
+    """A getter of key / unit (None stays None): bytes as MB, and the like."""
+    return lambda r: None if r.get(key) is None else r[key] / unit
+
+
+def paired(top: str, bottom: str, key: str, unit: str) -> tuple[Column, Column]:
+    """Columns of a versus() record: the figure of the top contender, then the bottom's."""
+    return ((f"{top} {unit}", lambda v: value(v["top"], key)),
+            (f"{bottom} {unit}", lambda v: value(v["bottom"], key)))  # fmt: skip
+
+
+def ratio_column(header: str, key: str, inverse: bool = False) -> Column:
+    """top / bottom of a versus() record (bottom / top when inverse)."""
+    sides = ("bottom", "top") if inverse else ("top", "bottom")
+    return header, lambda v: ratio(v[sides[0]], v[sides[1]], key)
+
+
+def workload_columns(*keys: tuple[str, str]) -> tuple[Column, ...]:
+    """(header, key) of the bottom record of versus(): where the pair was measured."""
+    return tuple((header, lambda v, k=key: v["bottom"][k]) for header, key in keys)

@@ -11,8 +11,10 @@ which ends their sequences on the server. Admission refusals are sent again and 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from mha import contract
-from mha.bench.framework import probes
+from mha.bench.framework import models, options, probes, report
+from mha.bench.framework.contenders import Contenders, ServerFailed
 from mha.bench.framework.refusals import Refusals
 from mha.client import AsyncClient, AsyncStream, ClientError, SequenceStep
+from mha.errors import CliError
 
 DTYPE = np.dtype(np.float32)  # the benchmarks' models are fp32
 Inputs = dict[str, np.ndarray]
@@ -201,3 +205,24 @@ def agreement(
                 }
             )
     return found
+
+
+def run_pair_scenario(
+    args: argparse.Namespace, kind: models.PairKind, preset: Any,
+    measure: Callable[[Any, models.Pair, Contenders], dict[str, Any]],
+) -> tuple[dict[str, Any], Any, models.Pair]:  # fmt: skip
+    """A scenario over a pair of models: its sizes (the preset with the flags laid over), the
+    pair (exported when missing), its contenders started and stopped around measure(sizes,
+    pair, contenders); the document so far, the sizes and the pair."""
+    sizes = options.laid_over(preset, args, ("steps", "d_model", "num_heads", "repeats"))
+    pair = models.ensure_pair(kind, args.repository or args.out / "models", sizes.d_model,
+                              sizes.num_heads)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.time(), os.getloadavg()
+    try:
+        with Contenders(args.out / "logs", args.threads, args.server_arg) as contenders:
+            figures = measure(sizes, pair, contenders)
+    except (ServerFailed, ClientError) as err:  # a server that died, a step that failed
+        raise CliError(" ".join(str(err).split())) from None
+    head = {"preset": "quick" if args.quick else "full", "sizes": options.sizes_record(sizes)}
+    return {**head, **report.run_record(started, load_before), **figures}, sizes, pair

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from mha.bench.framework.report import Row, percentile_ms, table, target
+from mha.bench.framework.report import Column, Row, columns_table, percentile_ms, table, target
 from mha.bench.framework.unary import Answer
 from mha.tables import cell
 
@@ -184,45 +184,21 @@ def _codes(codes: dict[str, int]) -> str:
     return ", ".join(f"{code} {n}" for code, n in codes.items()) or "-"
 
 
+BURSTS: tuple[Column, ...] = (
+    ("phase", "name"), ("requests", lambda b: b["summary"]["requests"]), ("(B,L)", "shape"),
+    ("wall s", "wall_s"), ("answers", lambda b: _codes(b["summary"]["codes"])),
+    *((f"{side} {q} ms", lambda b, k=f"{side}_{q}_ms": b["summary"][k])
+      for side in ("accepted", "refused") for q in ("p50", "p99")),
+    ("server run ms", lambda b: b["server"].get("run_ms")),
+    ("mean batch", lambda b: b["server"].get("mean_batch")),
+    ("VmRSS MB before", lambda b: b["rss_mb"]["before"]),
+    ("VmRSS MB after", lambda b: b["rss_mb"]["after"]),
+    ("good request after", lambda b: _probe(b["probe"])),
+)  # fmt: skip
+
+
 def bursts_table(bursts: Sequence[Row]) -> str:
-    headers = [
-        "phase",
-        "requests",
-        "(B,L)",
-        "wall s",
-        "answers",
-        "accepted p50 ms",
-        "accepted p99 ms",
-        "refused p50 ms",
-        "refused p99 ms",
-        "server run ms",
-        "mean batch",
-        "VmRSS MB before",
-        "VmRSS MB after",
-        "good request after",
-    ]
-    rows = []
-    for b in bursts:
-        s, server = b["summary"], b["server"]
-        rows.append(
-            [
-                b["name"],
-                s["requests"],
-                b["shape"],
-                b["wall_s"],
-                _codes(s["codes"]),
-                s["accepted_p50_ms"],
-                s["accepted_p99_ms"],
-                s["refused_p50_ms"],
-                s["refused_p99_ms"],
-                server.get("run_ms"),
-                server.get("mean_batch"),
-                b["rss_mb"]["before"],
-                b["rss_mb"]["after"],
-                _probe(b["probe"]),
-            ]
-        )
-    return table(headers, rows)
+    return columns_table(bursts, BURSTS)
 
 
 def _probe(probe: Row) -> str:
@@ -298,19 +274,9 @@ def _le(ms: float | None) -> str:
 def transfer_table(bursts: Sequence[Row]) -> str:
     """Per burst: what went over the one connection, and the client's p99 against the
     server's (an estimate of the wire's and the client's share)."""
-    headers = [
-        "phase",
-        "wall s",
-        "sent MB",
-        "MB/s",
-        "accepted p99 ms: client",
-        "server",
-        "wire + client",
-        "refused p99 ms: client",
-        "server",
-        "wire + client",
-        "refused before the handler",
-    ]
+    headers = ["phase", "wall s", "sent MB", "MB/s", "accepted p99 ms: client", "server",
+               "wire + client", "refused p99 ms: client", "server", "wire + client",
+               "refused before the handler"]  # fmt: skip
     rows = []
     for b in bursts:
         sent, split = b["sent"], b["breakdown"]

@@ -17,7 +17,6 @@ Figures, not a test: every target is a ratio of two contenders of the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mha.bench.framework import models, options, report
-from mha.bench.framework.contenders import Contenders, ServerFailed
+from mha.bench.framework.contenders import Contenders
 from mha.bench.framework.inprocess import make_session
 from mha.bench.framework.report import Row, find, ratio, table, target, value
 from mha.bench.framework.rounds import run_rounds
@@ -37,11 +36,11 @@ from mha.bench.framework.sequences import (
     SequencePlan,
     Served,
     agreement,
+    run_pair_scenario,
     run_sequences,
 )
-from mha.client import ClientError, SequenceStep
+from mha.client import SequenceStep
 from mha.contract import QUERY
-from mha.errors import CliError
 from mha.service.core import decoding
 
 CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process")
@@ -111,36 +110,23 @@ class Workload:
         return found
 
 
+FLAGS: tuple[options.Flag, ...] = (
+    ("--quick", dict(action="store_true", help="tiny sizes (d_model 64, P 8, 4 steps, 1 and 4 "
+                     "sequences; for tests)")),
+    ("--prompts", dict(type=options.whole_numbers,
+                       help="comma-separated prompt lengths P (default 128,1024)")),
+    ("--steps", dict(type=int, help="steps of one token after the prompt (default 64)")),
+    ("--sequences", dict(type=options.whole_numbers,
+                         help="comma-separated sequences at once (default 1,8,32)")),
+    ("--recompute-sequences", dict(type=options.whole_numbers,
+                                   help="the same for recompute (default 1)")),
+    ("--contestants", dict(help=f"comma-separated subset of {', '.join(CONTENDERS)}")),
+    ("--d-model", dict(type=int, help="model width (default 512)")),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to measure")
-    what.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes (d_model 64, P 8, 4 steps, 1 and 4 sequences; for tests)",
-    )
-    what.add_argument(
-        "--prompts",
-        type=options.whole_numbers,
-        help="comma-separated prompt lengths P (default 128,1024)",
-    )
-    what.add_argument("--steps", type=int, help="steps of one token after the prompt (default 64)")
-    what.add_argument(
-        "--sequences",
-        type=options.whole_numbers,
-        help="comma-separated sequences at once (default 1,8,32)",
-    )
-    what.add_argument(
-        "--recompute-sequences",
-        type=options.whole_numbers,
-        help="the same for recompute (default 1)",
-    )
-    what.add_argument("--repeats", type=int, help="runs of each workload, pooled (default 3)")
-    what.add_argument("--contestants", help=f"comma-separated subset of {', '.join(CONTENDERS)}")
-    what.add_argument("--d-model", type=int, help="model width (default 512)")
-    what.add_argument("--num-heads", type=int, help="attention heads (default 8)")
-    what.add_argument("--seed", type=int, default=0, help="random tokens' seed (default 0)")
-    options.add_server_arguments(parser, options.MODELS_HELP)
-    options.add_output_arguments(parser, Path("bench-out/decode"))
+    options.add_sized_arguments(parser, FLAGS, Path("bench-out/decode"))
 
 
 def in_process(session: Any, workload: Workload, width: int, seed: int) -> Measured:
@@ -268,28 +254,13 @@ def line(r: Row) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = options.laid_over(
-        QUICK if args.quick else FULL, args, ("steps", "d_model", "num_heads", "repeats")
-    )
     wanted = options.chosen(args.contestants, CONTENDERS, "--contestants")
-    repository = args.repository or args.out / "models"
-    pair = models.ensure_pair(models.DECODE_PAIR, repository, sizes.d_model, sizes.num_heads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started, load_before = time.time(), os.getloadavg()
-    try:
-        with Contenders(args.out / "logs", args.threads, args.server_arg) as contenders:
-            figures = measure(args, sizes, pair, wanted, contenders)
-    except (ServerFailed, ClientError) as err:  # a server that died, a step that failed
-        raise CliError(" ".join(str(err).split())) from None
-    document: dict[str, Any] = {
-        "preset": "quick" if args.quick else "full",
-        "sizes": options.sizes_record(sizes),
-        "started": started,
-        "seconds": time.time() - started,
-        "machine": report.machine(load_before),
-        "models": {"repository": str(repository), "kv": pair.names[0], "full": pair.names[1]},
-        **figures,
-    }
+    document, sizes, pair = run_pair_scenario(
+        args, models.DECODE_PAIR, QUICK if args.quick else FULL,
+        lambda sizes, pair, contenders: measure(args, sizes, pair, wanted, contenders),
+    )  # fmt: skip
+    names = {"repository": str(pair.repository), "kv": pair.names[0], "full": pair.names[1]}
+    document["models"] = names
     document["targets"] = print_tables(document)
     title = f"mha bench decode (d_model {sizes.d_model}, {sizes.steps} steps)"
     panels = (
@@ -313,139 +284,55 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+FIGURES: tuple[report.Column, ...] = (
+    ("contestant", "contestant"), ("server", lambda r: r["server"] or "-"), ("P", "prompt"),
+    ("sequences", "sequences"), ("steps", "steps"), ("tokens/s", "tokens_per_s"),
+    ("step p50 ms", "p50_ms"), ("step p99 ms", "p99_ms"), ("prefill p50 ms", "prefill_p50_ms"),
+    ("mean batch", "mean_batch"), ("cache MB (server)", report.scaled("cache_bytes", MB)),
+    ("cache MB (rows)", report.scaled("cache_rows_bytes", MB)),
+)  # fmt: skip
+WORKLOAD = report.workload_columns(("P", "prompt"), ("sequences", "sequences"))
+RECOMPUTE: tuple[report.Column, ...] = (
+    *WORKLOAD, *report.paired("cached", "recompute", "tokens_per_s", "tokens/s"),
+    report.ratio_column("cached/recompute", "tokens_per_s"),
+    *report.paired("cached", "recompute", "p50_ms", "p50 ms"),
+)  # fmt: skip
+BATCHING: tuple[report.Column, ...] = (
+    *WORKLOAD, *report.paired("on", "off", "tokens_per_s", "tokens/s"),
+    report.ratio_column("on/off", "tokens_per_s"), *report.paired("on", "off", "p99_ms", "p99 ms"),
+    ("on mean batch", lambda v: value(v["top"], "mean_batch")),
+)  # fmt: skip
+
+
 def print_tables(document: Row) -> list[Row]:
     """Print every table; return the targets."""
     points = document["points"]
     print(report.load_heading("decode figures", document["machine"]))
-    columns = (
-        "contestant",
-        "server",
-        "prompt",
-        "sequences",
-        "steps",
-        "tokens_per_s",
-        "p50_ms",
-        "p99_ms",
-        "prefill_p50_ms",
-        "mean_batch",
-        "cache_bytes",
-        "cache_rows_bytes",
-    )
-    headers = [
-        "contestant",
-        "server",
-        "P",
-        "sequences",
-        "steps",
-        "tokens/s",
-        "step p50 ms",
-        "step p99 ms",
-        "prefill p50 ms",
-        "mean batch",
-        "cache MB (server)",
-        "cache MB (rows)",
-    ]
-    rows = [
-        [
-            (r[c] / MB if r[c] is not None else None)
-            if c.endswith("bytes")
-            else (r[c] or "-")
-            if c == "server"
-            else r[c]
-            for c in columns
-        ]
-        for r in points
-    ]
-    print(table(headers, rows))
-    targets = []
-    for title, section in (
-        ("KV cache vs recompute", cache_vs_recompute),
-        ("continuous batching on vs off", batching_on_vs_off),
-        ("gRPC step vs the protocol floor and the in-process ceiling", served_vs_floor),
-    ):
-        text, found = section(points)
-        print(f"\n{title}\n{text}")
-        targets += found
-    rows = [[a["prompt"], a["pair"], a["max_abs_diff"]] for a in document["agreement"]]
-    print(
-        "\nsame answers\n"
-        + table(["P", "contestants", "max abs diff, sequence 0's last output row"], rows)
-    )
-    print("\ntargets\n" + report.targets_table(targets))
-    return targets
-
-
-def cache_vs_recompute(points: list[Row]) -> tuple[str, list[Row]]:
-    """Cached vs recompute per prompt and sequence count; the target at the longest prompt."""
-    rows, targets = [], []
+    print(report.columns_table(points, FIGURES))
+    recompute = report.versus(points, "cached", "recompute", ("prompt", "sequences"))
+    print("\nKV cache vs recompute\n" + report.columns_table(recompute, RECOMPUTE))
     longest = max((r["prompt"] for r in points), default=0)
-    for r in (r for r in points if r["contestant"] == "recompute"):
-        cached = find(points, contestant="cached", prompt=r["prompt"], sequences=r["sequences"])
-        times = ratio(cached, r, "tokens_per_s")
-        rows.append(
-            [
-                r["prompt"],
-                r["sequences"],
-                value(cached, "tokens_per_s"),
-                r["tokens_per_s"],
-                times,
-                value(cached, "p50_ms"),
-                r["p50_ms"],
-            ]
-        )
-        if r["prompt"] == longest:
-            at = f"P={longest} x{r['sequences']}"
-            name = f"{at}: cached tokens/s >= {CACHE_VS_RECOMPUTE:g}x recompute"
-            targets.append(target(name, times, CACHE_VS_RECOMPUTE, True))
-    headers = [
-        "P",
-        "sequences",
-        "cached tokens/s",
-        "recompute tokens/s",
-        "cached/recompute",
-        "cached p50 ms",
-        "recompute p50 ms",
-    ]
-    return table(headers, rows), targets
-
-
-def batching_on_vs_off(points: list[Row]) -> tuple[str, list[Row]]:
-    """Continuous batching vs batching off per point; the target at the most sequences."""
-    rows, targets = [], []
-    offs = [r for r in points if r["contestant"] == "batching-off"]
-    most = max((r["sequences"] for r in offs), default=0)
-    for off in offs:
-        on = find(points, contestant="cached", prompt=off["prompt"], sequences=off["sequences"])
-        times = ratio(on, off, "tokens_per_s")
-        rows.append(
-            [
-                off["prompt"],
-                off["sequences"],
-                value(on, "tokens_per_s"),
-                off["tokens_per_s"],
-                times,
-                value(on, "p99_ms"),
-                off["p99_ms"],
-                value(on, "mean_batch"),
-            ]
-        )
-        if off["sequences"] == most:
-            name = (
-                f"P={off['prompt']} x{most}: batching on tokens/s >= "
-                f"{BATCHING_ON_VS_OFF:g}x batching off"
-            )
-            targets.append(target(name, times, BATCHING_ON_VS_OFF, True))
-    headers = [
-        "P",
-        "sequences",
-        "on tokens/s",
-        "off tokens/s",
-        "on/off",
-        "on p99 ms",
-        "off p99 ms",
-        "on mean batch",
-    ]
-    return table(headers, rows), targets
+    targets = [target(f"P={longest} x{v['bottom']['sequences']}: cached tokens/s >= "
+                      f"{CACHE_VS_RECOMPUTE:g}x recompute",
+                      ratio(v["top"], v["bottom"], "tokens_per_s"), CACHE_VS_RECOMPUTE, True)
+               for v in recompute if v["bottom"]["prompt"] == longest]  # fmt: skip
+    batching = report.versus(points, "cached", "batching-off", ("prompt", "sequences"))
+    print("\ncontinuous batching on vs off\n" + report.columns_table(batching, BATCHING))
+    most = max((v["bottom"]["sequences"] for v in batching), default=0)
+    targets += [target(f"P={v['bottom']['prompt']} x{most}: batching on tokens/s >= "
+                       f"{BATCHING_ON_VS_OFF:g}x batching off",
+                       ratio(v["top"], v["bottom"], "tokens_per_s"), BATCHING_ON_VS_OFF, True)
+                for v in batching if v["bottom"]["sequences"] == most]  # fmt: skip
+    text, found = served_vs_floor(points)
+    print("\ngRPC step vs the protocol floor and the in-process ceiling\n" + text)
+    agreement = (
+        ("P", "prompt"),
+        ("contestants", "pair"),
+        ("max abs diff, sequence 0's last output row", "max_abs_diff"),
+    )
+    print("\nsame answers\n" + report.columns_table(document["agreement"], agreement))
+    print("\ntargets\n" + report.targets_table(targets + found))
+    return targets + found
 
 
 def served_vs_floor(points: list[Row]) -> tuple[str, list[Row]]:

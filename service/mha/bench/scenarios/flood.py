@@ -46,58 +46,35 @@ EXPORT_LIMITS = (64, 4096)  # `mha export`'s default max_batch_size, max_sequenc
 QUEUE_DELAY_FLAG, QUEUE_DELAY_ENV = "--max-queue-delay-ms", "MHA_MAX_QUEUE_DELAY_MS"
 
 
+FLAGS: tuple[options.Flag, ...] = (
+    ("--model", dict(default=DEFAULT_MODEL, help="a self-attention model (default mha)")),
+    ("--phases", dict(default=",".join(PHASES), help="subset of a,b,random")),
+    ("--burst-a", dict(type=int, default=600, metavar="N", help="default 600")),
+    ("--burst-a-shape", dict(type=options.shape, default=(8, 128), metavar="BxL")),
+    ("--burst-b", dict(type=int, default=2000, metavar="N", help="default 2000")),
+    ("--burst-b-shape", dict(type=options.shape, default=(1, 16), metavar="BxL")),
+    ("--random", dict(type=int, default=3000, metavar="N", dest="random_requests",
+                      help="random requests (default 3000)")),
+    ("--random-warmup", dict(type=int, metavar="N",
+                             help="warm-up requests of the same mix (default: a tenth, >= 20)")),
+    ("--random-concurrency", dict(type=int, default=16, metavar="N")),
+    ("--random-max-mib", dict(type=float, default=8.0, metavar="MIB",
+                              help="raw bytes per random request at most (default 8)")),
+    ("--quiet-seconds", dict(type=float, default=5.0, help="after the random run")),
+    ("--max-rss-growth", dict(type=float, default=0.2,
+                              help="the random run's memory target (default 0.2 = 20%%)")),
+    ("--timeout", dict(type=float, default=30.0,
+                       help="every request's deadline, s (0 = none; default 30)")),
+    ("--seed", dict(type=int, default=0)),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to send")
-    what.add_argument("--model", default=DEFAULT_MODEL, help="a self-attention model (default mha)")
-    what.add_argument("--phases", default=",".join(PHASES), help="subset of a,b,random")
-    what.add_argument("--burst-a", type=int, default=600, metavar="N", help="default 600")
-    what.add_argument("--burst-a-shape", type=options.shape, default=(8, 128), metavar="BxL")
-    what.add_argument("--burst-b", type=int, default=2000, metavar="N", help="default 2000")
-    what.add_argument("--burst-b-shape", type=options.shape, default=(1, 16), metavar="BxL")
-    what.add_argument(
-        "--random",
-        type=int,
-        default=3000,
-        metavar="N",
-        dest="random_requests",
-        help="random requests (default 3000)",
-    )
-    what.add_argument(
-        "--random-warmup",
-        type=int,
-        metavar="N",
-        help="warm-up requests of the same mix (default: a tenth, >= 20)",
-    )
-    what.add_argument("--random-concurrency", type=int, default=16, metavar="N")
-    what.add_argument(
-        "--random-max-mib",
-        type=float,
-        default=8.0,
-        metavar="MIB",
-        help="raw bytes per random request at most (default 8)",
-    )
-    what.add_argument("--quiet-seconds", type=float, default=5.0, help="after the random run")
-    what.add_argument(
-        "--max-rss-growth",
-        type=float,
-        default=0.2,
-        help="the random run's memory target (default 0.2 = 20%%)",
-    )
-    what.add_argument(
-        "--timeout",
-        type=float,
-        default=30.0,
-        help="every request's deadline, s (0 = none; default 30)",
-    )
-    what.add_argument("--seed", type=int, default=0)
+    options.add_flags(parser.add_argument_group("what to send"), FLAGS)
     server = options.add_existing_server_arguments(parser)
-    server.add_argument(
-        QUEUE_DELAY_FLAG,
-        type=float,
-        dest="max_queue_delay_ms",
-        help="passed to mha serve; also the bound of the latency target (default: the "
-        "server's default, or what --server-arg gives)",
-    )
+    server.add_argument(QUEUE_DELAY_FLAG, type=float, dest="max_queue_delay_ms",
+                        help="passed to mha serve; also the bound of the latency target "
+                        "(default: the server's default, or what --server-arg gives)")  # fmt: skip
     options.add_output_arguments(parser, Path("bench-out/flood"), plot=False)
 
 
@@ -289,9 +266,7 @@ def run(args: argparse.Namespace) -> int:
     except (NoConnection, ServerFailed) as err:
         raise CliError(str(err)) from None
     document: dict[str, Any] = {
-        "started": started,
-        "seconds": time.time() - started,
-        "machine": report.machine(load_before),
+        **report.run_record(started, load_before),
         "server": server,
         "model": {
             "name": shapes.model,

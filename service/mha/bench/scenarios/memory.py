@@ -15,8 +15,6 @@ included (cached: the request that brings the memory). The target is a ratio of 
 from __future__ import annotations
 
 import argparse
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +23,8 @@ import numpy as np
 
 from mha import contract
 from mha.bench.framework import models, options, report
-from mha.bench.framework.contenders import Contenders, ServerFailed
-from mha.bench.framework.report import Row, find, ratio, table, target, value
+from mha.bench.framework.contenders import Contenders
+from mha.bench.framework.report import Row, ratio, target
 from mha.bench.framework.rounds import run_rounds
 from mha.bench.framework.sequences import (
     DTYPE,
@@ -35,10 +33,10 @@ from mha.bench.framework.sequences import (
     SequencePlan,
     Served,
     agreement,
+    run_pair_scenario,
     run_sequences,
 )
-from mha.client import ClientError, SequenceStep, core
-from mha.errors import CliError
+from mha.client import SequenceStep, core
 
 CONTENDERS = ("cached", "resend")
 CONFIG = "on"  # batching on: steps of different sequences run as one session call
@@ -95,26 +93,18 @@ class Workload:
         return found
 
 
+FLAGS: tuple[options.Flag, ...] = (
+    ("--quick", dict(action="store_true", help="tiny sizes (d_model 64, S 8, 4 steps, 1 and 4 "
+                     "sequences; for tests)")),
+    ("--memories", dict(type=options.whole_numbers, help="memory lengths S (default 64,512)")),
+    ("--steps", dict(type=int, help="steps of one query token (default 64)")),
+    ("--sequences", dict(type=options.whole_numbers, help="sequences at once (default 1,16)")),
+    ("--d-model", dict(type=int, help="model width, = kdim = vdim (default 512)")),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to measure")
-    what.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny sizes (d_model 64, S 8, 4 steps, 1 and 4 sequences; for tests)",
-    )
-    what.add_argument(
-        "--memories", type=options.whole_numbers, help="memory lengths S (default 64,512)"
-    )
-    what.add_argument("--steps", type=int, help="steps of one query token (default 64)")
-    what.add_argument(
-        "--sequences", type=options.whole_numbers, help="sequences at once (default 1,16)"
-    )
-    what.add_argument("--repeats", type=int, help="runs of each workload, pooled (default 3)")
-    what.add_argument("--d-model", type=int, help="model width, = kdim = vdim (default 512)")
-    what.add_argument("--num-heads", type=int, help="attention heads (default 8)")
-    what.add_argument("--seed", type=int, default=0, help="random tensors' seed (default 0)")
-    options.add_server_arguments(parser, options.MODELS_HELP)
-    options.add_output_arguments(parser, Path("bench-out/memory"))
+    options.add_sized_arguments(parser, FLAGS, Path("bench-out/memory"))
 
 
 def request_bytes(model: str, plan: SequencePlan) -> list[int]:
@@ -195,32 +185,13 @@ def record(name: str, workload: Workload, measured: Measured, sent: list[int], w
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = options.laid_over(
-        QUICK if args.quick else FULL, args, ("steps", "d_model", "num_heads", "repeats")
-    )
-    repository = args.repository or args.out / "models"
-    pair = models.ensure_pair(models.MEMORY_PAIR, repository, sizes.d_model, sizes.num_heads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    started, load_before = time.time(), os.getloadavg()
-    try:
-        with Contenders(args.out / "logs", args.threads, args.server_arg) as contenders:
-            figures = measure(args, sizes, pair, contenders)
-    except (ServerFailed, ClientError) as err:  # a server that died, a step that failed
-        raise CliError(" ".join(str(err).split())) from None
-    document: dict[str, Any] = {
-        "preset": "quick" if args.quick else "full",
-        "sizes": options.sizes_record(sizes),
-        "started": started,
-        "seconds": time.time() - started,
-        "machine": report.machine(load_before),
-        "models": {
-            "repository": str(repository),
-            "memory": pair.names[0],
-            "cross": pair.names[1],
-            "weights_sha256": pair.configs[0].get("weights_sha256"),
-        },
-        **figures,
-    }
+    document, sizes, pair = run_pair_scenario(
+        args, models.MEMORY_PAIR, QUICK if args.quick else FULL,
+        lambda sizes, pair, contenders: measure(args, sizes, pair, contenders),
+    )  # fmt: skip
+    document["models"] = {"repository": str(pair.repository), "memory": pair.names[0],
+                          "cross": pair.names[1],
+                          "weights_sha256": pair.configs[0].get("weights_sha256")}  # fmt: skip
     document["targets"] = print_tables(document)
     title = f"mha bench memory (d_model {sizes.d_model}, {sizes.steps} steps of 1 token)"
     panels = (("tokens_per_s", "tokens/s (all sequences)", None), ("p50_ms", "step p50 ms", None))
@@ -235,95 +206,39 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+FIGURES: tuple[report.Column, ...] = (
+    ("contestant", "contestant"), ("S", "memory"), ("sequences", "sequences"), ("steps", "steps"),
+    ("tokens/s", "tokens_per_s"), ("step p50 ms", "p50_ms"), ("step p99 ms", "p99_ms"),
+    ("first step p50 ms", "first_step_p50_ms"),
+    ("request kB/step", report.scaled("request_bytes_per_step", KB)),
+    ("mean batch", "mean_batch"), ("memory kB (server)", report.scaled("cache_bytes", KB)),
+)  # fmt: skip
+RESEND: tuple[report.Column, ...] = (
+    *report.workload_columns(("S", "memory"), ("sequences", "sequences")),
+    *report.paired("cached", "resend", "tokens_per_s", "tokens/s"),
+    report.ratio_column("cached/resend", "tokens_per_s"),
+    *report.paired("cached", "resend", "p50_ms", "p50 ms"),
+    *report.paired("cached", "resend", "request_bytes_per_step", "bytes/step"),
+    report.ratio_column("resend/cached bytes", "request_bytes_per_step", inverse=True),
+)  # fmt: skip
+AGREEMENT_COLUMNS = (("S", "memory"), ("sequences", "sequences"), ("contestants", "pair"),
+                     ("max abs diff, sequence 0's last output row", "max_abs_diff"))  # fmt: skip
+
+
 def print_tables(document: Row) -> list[Row]:
     """Print every table; return the targets."""
-    points = document["points"]
+    points, agreed = document["points"], document["agreement"]
     print(report.load_heading("memory figures", document["machine"]))
-    rows = [
-        [
-            r["contestant"],
-            r["memory"],
-            r["sequences"],
-            r["steps"],
-            r["tokens_per_s"],
-            r["p50_ms"],
-            r["p99_ms"],
-            r["first_step_p50_ms"],
-            r["request_bytes_per_step"] / KB,
-            r["mean_batch"],
-            None if r["cache_bytes"] is None else r["cache_bytes"] / KB,
-        ]
-        for r in points
-    ]
-    print(
-        table(
-            [
-                "contestant",
-                "S",
-                "sequences",
-                "steps",
-                "tokens/s",
-                "step p50 ms",
-                "step p99 ms",
-                "first step p50 ms",
-                "request kB/step",
-                "mean batch",
-                "memory kB (server)",
-            ],
-            rows,
-        )
-    )
-    rows, targets = [], []
-    longest = max((r["memory"] for r in points), default=0)
-    most = max((r["sequences"] for r in points), default=0)
-    for resend in (r for r in points if r["contestant"] == "resend"):
-        cached = find(
-            points, contestant="cached", memory=resend["memory"], sequences=resend["sequences"]
-        )
-        times = ratio(cached, resend, "tokens_per_s")
-        rows.append(
-            [
-                resend["memory"],
-                resend["sequences"],
-                value(cached, "tokens_per_s"),
-                resend["tokens_per_s"],
-                times,
-                value(cached, "p50_ms"),
-                resend["p50_ms"],
-                value(cached, "request_bytes_per_step"),
-                resend["request_bytes_per_step"],
-                ratio(resend, cached, "request_bytes_per_step"),
-            ]
-        )
-        if (resend["memory"], resend["sequences"]) == (longest, most):
-            name = f"S={longest} x{most}: cached tokens/s >= {CACHED_VS_RESEND:g}x resend"
-            targets.append(target(name, times, CACHED_VS_RESEND, True))
-    print(
-        "\nheld memory vs resending it\n"
-        + table(
-            [
-                "S",
-                "sequences",
-                "cached tokens/s",
-                "resend tokens/s",
-                "cached/resend",
-                "cached p50 ms",
-                "resend p50 ms",
-                "cached bytes/step",
-                "resend bytes/step",
-                "resend/cached bytes",
-            ],
-            rows,
-        )
-    )
-    agreed = document["agreement"]
-    rows = [[a["memory"], a["sequences"], a["pair"], a["max_abs_diff"]] for a in agreed]
-    print(
-        "\nsame answers\n"
-        + table(
-            ["S", "sequences", "contestants", "max abs diff, sequence 0's last output row"], rows
-        )
-    )
+    print(report.columns_table(points, FIGURES))
+    resend = report.versus(points, "cached", "resend", ("memory", "sequences"))
+    print("\nheld memory vs resending it\n" + report.columns_table(resend, RESEND))
+    most = (max((r["memory"] for r in points), default=0),
+            max((r["sequences"] for r in points), default=0))  # fmt: skip
+    targets = [target(f"S={most[0]} x{most[1]}: cached tokens/s >= {CACHED_VS_RESEND:g}x resend",
+                      ratio(v["top"], v["bottom"], "tokens_per_s"), CACHED_VS_RESEND, True)
+               for v in resend
+               if (v["bottom"]["memory"], v["bottom"]["sequences"]) == most]  # fmt: skip
+    print("\nsame answers\n" + report.columns_table(agreed, AGREEMENT_COLUMNS))
     worst = max((a["max_abs_diff"] for a in agreed), default=float("nan"))
     targets.append(target(f"answers agree: max abs diff <= {AGREEMENT:g}", worst, AGREEMENT, False))
     print("\ntargets\n" + report.targets_table(targets))

@@ -45,48 +45,37 @@ from mha.client import Client, ClientError
 from mha.errors import CliError
 from mha.proto import grpc_predict_v2_pb2 as pb
 
+WHAT: tuple[options.Flag, ...] = (
+    ("--url", dict(help="an external OIP server (default: start this project's)")),
+    ("--repository", dict(type=Path, default=Path("models"),
+                          help="model repository (default: %(default)s)")),
+    ("--model", dict(default="mha", help="model name (default mha: exported if missing)")),
+    ("--version", dict(default="", help="model version (default: the latest)")),
+    ("--preset", dict(choices=sorted(PRESETS), default="full",
+                      help="latency, batching, targets (every contender where the targets are "
+                      "taken), full (all three, about 5.5 minutes), quick (seconds; for tests)")),
+    ("--quick", dict(action="store_const", const="quick", dest="preset", help="= --preset quick")),
+    ("--configs", dict(help=f"comma-separated subset of {', '.join(CONFIGS)}")),
+)  # fmt: skip
+LOAD: tuple[options.Flag, ...] = (
+    ("--workloads", dict(help="comma-separated BxL or BxLO-HI, e.g. 1x128,1x16-256")),
+    ("--concurrency", dict(help="comma-separated closed-loop client counts")),
+    ("--rate", dict(help="comma-separated open-loop rates (requests/s, Poisson)")),
+    ("--duration", dict(type=float, help="measured seconds per point")),
+    ("--warmup", dict(type=float, help="unmeasured seconds before each point")),
+    ("--max-requests", dict(type=int, default=0, help="measured requests per point")),
+    ("--client-procs", dict(type=int, default=1, help="load-generator processes")),
+    ("--seed", dict(type=int, default=0)),
+    ("--rounds", dict(type=int, default=1,
+                      help="measure every point this many times, contenders interleaved point "
+                      "by point (every server up at once, the order rotating each round); "
+                      "medians are reported")),
+)  # fmt: skip
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to measure")
-    what.add_argument("--url", help="an external OIP server (default: start this project's)")
-    what.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("models"),
-        help="model repository (default: %(default)s)",
-    )
-    what.add_argument(
-        "--model", default="mha", help="model name (default mha: exported if missing)"
-    )
-    what.add_argument("--version", default="", help="model version (default: the latest)")
-    what.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default="full",
-        help="latency, batching, targets (every contender where the targets are "
-        "taken), full (all three, about 5.5 minutes), quick (seconds; for tests)",
-    )
-    what.add_argument(
-        "--quick", action="store_const", const="quick", dest="preset", help="= --preset quick"
-    )
-    what.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    load = parser.add_argument_group("custom load (replaces the preset's)")
-    load.add_argument("--workloads", help="comma-separated BxL or BxLO-HI, e.g. 1x128,1x16-256")
-    load.add_argument("--concurrency", help="comma-separated closed-loop client counts")
-    load.add_argument("--rate", help="comma-separated open-loop rates (requests/s, Poisson)")
-    load.add_argument("--duration", type=float, help="measured seconds per point")
-    load.add_argument("--warmup", type=float, help="unmeasured seconds before each point")
-    load.add_argument("--max-requests", type=int, default=0, help="measured requests per point")
-    load.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
-    load.add_argument("--seed", type=int, default=0)
-    load.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="measure every point this many times, contenders interleaved point by "
-        "point (every server up at once, the order rotating each round); medians "
-        "are reported",
-    )
+    options.add_flags(parser.add_argument_group("what to measure"), WHAT)
+    options.add_flags(parser.add_argument_group("custom load (replaces the preset's)"), LOAD)
     server = options.add_server_arguments(parser)
     server.add_argument("--max-batch-delay-us", type=int, help="passed to mha serve (batching on)")
     options.add_output_arguments(parser, Path("bench-out/serve"))
@@ -370,9 +359,7 @@ def run(args: argparse.Namespace) -> int:
     document: dict[str, Any] = {
         "preset": args.preset,
         "rounds": args.rounds,
-        "started": started,
-        "seconds": time.time() - started,
-        "machine": report.machine(load_before),
+        **report.run_record(started, load_before),
         "model": {
             "name": args.model,
             "dir": str(local) if local else None,

@@ -45,63 +45,36 @@ SHAPES = "1x16,1x128,4x64,8x128,2x256"
 MAX_ROWS_PRINTED = 30  # of the RSS-over-time table; bench.md has every row
 
 
+FLAGS: tuple[options.Flag, ...] = (
+    ("--minutes", dict(type=float, default=10.0, help="how long (default 10)")),
+    ("--requests", dict(type=int, default=0, metavar="N",
+                        help="stop after N requests even before --minutes (0 = no bound)")),
+    ("--interval", dict(type=float, default=5.0, metavar="S",
+                        help="seconds between VmRSS samples (default 5)")),
+    ("--warmup-seconds", dict(type=float, metavar="S",
+                              help="not judged (default: a fifth of the run, at most 60 s)")),
+    ("--concurrency", dict(type=int, default=8, help="workers (default 8)")),
+    ("--shapes", dict(default=SHAPES,
+                      help=f"BxL of stateless requests, comma-separated (default {SHAPES})")),
+    ("--models", dict(help="comma-separated subset of the repository's models")),
+    ("--export", dict(action=argparse.BooleanOptionalAction, default=True,
+                      help="export the default and KV-cache models when missing (default on)")),
+    ("--cross", dict(action="store_true",
+                     help="also export the cross-attention memory and stateless cross models")),
+    ("--max-rss-growth", dict(type=float, default=0.05,
+                              help="VmRSS growth after the warm-up that fails the soak "
+                              "(default 0.05)")),
+    ("--timeout", dict(type=float, default=30.0, help="every request's deadline, s")),
+    ("--seed", dict(type=int, default=0)),
+    ("--leak-mb-per-s", dict(type=float, default=0.0, metavar="MB",
+                             help="test support: the server holds this many MB more each "
+                             "second (a leak the verdict must catch; not with --url)")),
+)  # fmt: skip
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to run")
-    what.add_argument("--minutes", type=float, default=10.0, help="how long (default 10)")
-    what.add_argument(
-        "--requests",
-        type=int,
-        default=0,
-        metavar="N",
-        help="stop after N requests even before --minutes (0 = no bound)",
-    )
-    what.add_argument(
-        "--interval",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="seconds between VmRSS samples (default 5)",
-    )
-    what.add_argument(
-        "--warmup-seconds",
-        type=float,
-        metavar="S",
-        help="not judged (default: a fifth of the run, at most 60 s)",
-    )
-    what.add_argument("--concurrency", type=int, default=8, help="workers (default 8)")
-    what.add_argument(
-        "--shapes",
-        default=SHAPES,
-        help=f"BxL of stateless requests, comma-separated (default {SHAPES})",
-    )
-    what.add_argument("--models", help="comma-separated subset of the repository's models")
-    what.add_argument(
-        "--export",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="export the default and KV-cache models when missing (default on)",
-    )
-    what.add_argument(
-        "--cross",
-        action="store_true",
-        help="also export the cross-attention memory and stateless cross models",
-    )
-    what.add_argument(
-        "--max-rss-growth",
-        type=float,
-        default=0.05,
-        help="VmRSS growth after the warm-up that fails the soak (default 0.05)",
-    )
-    what.add_argument("--timeout", type=float, default=30.0, help="every request's deadline, s")
-    what.add_argument("--seed", type=int, default=0)
-    what.add_argument(
-        "--leak-mb-per-s",
-        type=float,
-        default=0.0,
-        metavar="MB",
-        help="test support: the server holds this many MB more each second (a leak the "
-        "verdict must catch; not with --url)",
-    )
+    options.add_flags(what, FLAGS)
     options.add_existing_server_arguments(parser)
     options.add_output_arguments(parser, Path("bench-out/soak"), plot=False)
 
@@ -217,9 +190,7 @@ def run(args: argparse.Namespace) -> int:
     except (NoConnection, ServerFailed) as err:
         raise CliError(str(err)) from None
     document: dict[str, Any] = {
-        "started": started,
-        "seconds": time.time() - started,
-        "machine": report.machine(load_before),
+        **report.run_record(started, load_before),
         "server": server,
         "plan": {
             "duration_s": duration,
