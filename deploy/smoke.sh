@@ -3,6 +3,7 @@
 # mounted, wait for readiness, send one inference and a health check, print what came back.
 #
 #   deploy/smoke.sh                 (from the repository root; `make smoke` runs it)
+#   BUILD=0 deploy/smoke.sh         (runs the image already built: .ci/run builds it once)
 #
 # Environment:
 #   BASE, IMAGE, WORK   as for deploy/image.sh, which builds the image
@@ -40,13 +41,26 @@ cleanup() {
     fi
 }
 
+fail() {
+    echo "smoke FAILED: $*" >&2
+    exit 1
+}
+
 main() {
-    build_image
-    echo "no torch in the image: $("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" --entrypoint python3 "$IMAGE" \
-        -c 'import importlib.util as u; print(u.find_spec("torch") is None)')"
+    if [[ ${BUILD:-1} != 0 ]]; then
+        build_image
+    else
+        "${PODMAN[@]}" image exists "$IMAGE" || fail "no image $IMAGE (BUILD=0 runs a built one)"
+    fi
+    local no_torch
+    no_torch=$("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" --entrypoint python3 "$IMAGE" \
+        -c 'import importlib.util as u; print(u.find_spec("torch") is None)')
+    echo "no torch in the image: $no_torch"
+    [[ $no_torch == True ]] || fail "torch is in the serving image"
     # The Deployment's preStop hook execs `sleep` from the image.
-    echo "preStop's sleep in the image: $("${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" \
-        --entrypoint sleep "$IMAGE" 0 && echo yes)"
+    "${PODMAN[@]}" run --rm "${RUN_ULIMIT[@]}" --entrypoint sleep "$IMAGE" 0 \
+        || fail "no sleep in the image for the preStop hook"
+    echo "preStop's sleep in the image: yes"
     export_models
 
     trap cleanup EXIT
@@ -56,10 +70,13 @@ main() {
         --env MHA_DRAIN_SECONDS=2 --env MHA_GRACE_SECONDS=5 \
         --volume "$MODELS:/models:ro" --publish 127.0.0.1::8001 --publish 127.0.0.1::8002 \
         "$IMAGE" > /dev/null
-    local port metrics_port
+    local port metrics_port uid
     port=$("${PODMAN[@]}" port "$NAME" 8001/tcp | sed 's/.*://')
     metrics_port=$("${PODMAN[@]}" port "$NAME" 8002/tcp | sed 's/.*://')
-    echo "container $NAME: uid $("${PODMAN[@]}" exec "$NAME" id -u), gRPC on 127.0.0.1:$port"
+    uid=$("${PODMAN[@]}" exec "$NAME" id -u)
+    echo "container $NAME: uid $uid, gRPC on 127.0.0.1:$port"
+    [[ $uid == 10001 ]] || fail "the server runs as uid $uid"
+    ! "${PODMAN[@]}" exec "$NAME" touch /probe 2> /dev/null || fail "the root filesystem is writable"
 
     log "waiting for readiness (grpc.health.v1)"
     "$VENV/bin/python" deploy/smoke_check.py wait --target "127.0.0.1:$port" --timeout 180
@@ -79,8 +96,7 @@ main() {
     local start status
     start=$(date +%s.%N)
     "${PODMAN[@]}" kill --signal TERM "$NAME" > /dev/null
-    sleep 0.5
-    "$VENV/bin/python" deploy/smoke_check.py health --target "127.0.0.1:$port"
+    "$VENV/bin/python" deploy/smoke_check.py draining --target "127.0.0.1:$port" --timeout 2
     status=$("${PODMAN[@]}" wait "$NAME")
     printf 'exit status %s after %.1f s (drain 2 s + grace 5 s at most)\n' "$status" \
         "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')"

@@ -1,7 +1,8 @@
 """Check a running `mha serve` from outside its container: health, then one inference.
 
 Used by deploy/smoke.sh. `wait` polls grpc.health.v1 until readiness is SERVING and prints
-every health service's status; `health` prints them once (during a drain); `metrics` fetches
+every health service's status; `draining` polls until readiness is NOT_SERVING while liveness
+stays SERVING (after SIGTERM); `health` prints them once; `metrics` fetches
 the Prometheus endpoint; `infer` sends one request without the `mha infer` command (for trees
 where it does not exist yet), built with mha.service.grpc.codec.
 """
@@ -51,6 +52,25 @@ def wait(target: str, timeout_s: float) -> int:
     return 0
 
 
+def draining(target: str, timeout_s: float) -> int:
+    """Poll until readiness leaves SERVING (a drain); 0 when liveness still answers SERVING."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            statuses = {name: health(stub, name) for name in HEALTH_SERVICES}
+            if statuses["inference.GRPCInferenceService"] != "SERVING":
+                break
+            if time.monotonic() > deadline:
+                print(f"still ready after {timeout_s:.0f} s: {statuses}", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    for name, status in statuses.items():
+        print(f"health {name or '(server)'!r}: {status}")
+    ready = statuses["inference.GRPCInferenceService"]
+    return 0 if ready == "NOT_SERVING" and statuses["liveness"] == "SERVING" else 1
+
+
 def show(target: str) -> int:
     """Print each health service's status once; 0 when the liveness service answers."""
     with grpc.insecure_channel(target) as channel:
@@ -88,7 +108,7 @@ def infer(target: str, model: str, d_model: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("check", choices=["wait", "health", "metrics", "infer"])
+    parser.add_argument("check", choices=["wait", "draining", "health", "metrics", "infer"])
     parser.add_argument("--target", required=True, help="host:port of the gRPC server, or URL")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--model", default="mha")
@@ -96,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check == "wait":
         return wait(args.target, args.timeout)
+    if args.check == "draining":
+        return draining(args.target, args.timeout)
     if args.check == "health":
         return show(args.target)
     if args.check == "metrics":
