@@ -8,7 +8,7 @@ REPO ?= models
 STAMP := $(VENV)/.installed
 
 .PHONY: venv run export test lint fmt proto fuzz bench-export bench-serve bench-decode bench-memory \
-	bench-flood bench-soak image smoke clean
+	bench-flood bench-soak image images smoke kube-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -68,10 +68,18 @@ bench-soak: $(STAMP)
 clean:
 	rm -rf $(VENV) bench-out .pytest_cache .mypy_cache .ruff_cache
 
-# The CPU serving image (podman + runc; a debootstrap base when no base image can be pulled).
+# The CPU serving image (podman + runc; a base made with mmdebstrap when none can be pulled).
 image:
 	bash deploy/image.sh
+
+# Both images the cpu overlay runs: the server's and the model image (whose build exports).
+images: image
+	IMAGE=mha-models:latest DOCKERFILE=deploy/Dockerfile.models bash deploy/image.sh
 
 # Build the image, run it read-only as non-root, health check + one inference (deploy/README.md).
 smoke: $(STAMP)
 	VENV=$(VENV) bash deploy/smoke.sh
+
+# The cpu overlay's pod under `podman kube play`: init container, then the server (deploy/README.md).
+kube-smoke: $(STAMP)
+	VENV=$(VENV) bash deploy/kube_smoke.sh
