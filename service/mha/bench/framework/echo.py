@@ -91,18 +91,23 @@ class Answers:
             self._streamed_by_length[len(request)] = found
         return found
 
-    def build(self, request: pb.ModelInferRequest) -> bytes:
-        """Zeros of the query's shape (B, L, E) as the "output" tensor, serialized."""
+    def build(self, request: pb.ModelInferRequest, zeros: dict[int, bytes] | None = None) -> bytes:
+        """Zeros of the query's shape (B, L, E) as the "output" tensor, serialized (the zero
+        bytes from `zeros` by size when given, made there once)."""
         query = next((t for t in request.inputs if t.name == contract.QUERY), None)
         if query is None or len(query.shape) != 3:
             raise ValueError(f"want a {contract.QUERY!r} input of shape (B, L, E)")
         batch, length, width = query.shape
         size = batch * length * width * contract.DTYPES[self.datatype].itemsize
-        response = pb.ModelInferResponse(
-            model_name=self.name, model_version=self.version, id=request.id
-        )
+        raw = None if zeros is None else zeros.get(size)
+        if raw is None:
+            raw = bytes(size)
+            if zeros is not None:
+                zeros[size] = raw
+        response = pb.ModelInferResponse(model_name=self.name, model_version=self.version,
+                                         id=request.id)  # fmt: skip
         response.outputs.add(name=contract.OUTPUT, datatype=self.datatype, shape=query.shape)
-        response.raw_output_contents.append(bytes(size))
+        response.raw_output_contents.append(raw)
         return response.SerializeToString()
 
 
@@ -119,23 +124,6 @@ def _constant(answer: bytes) -> Handler:
     return behavior
 
 
-def protobuf_answer(answers: Answers, zeros: dict[int, bytes], request: bytes) -> bytes:
-    """--protobuf: parse the request, build and serialize a new response (zeros prebuilt)."""
-    message = pb.ModelInferRequest.FromString(request)
-    query = message.inputs[0]
-    batch, length, width = query.shape
-    size = batch * length * width * contract.DTYPES[answers.datatype].itemsize
-    raw = zeros.get(size)
-    if raw is None:
-        raw = zeros[size] = bytes(size)
-    response = pb.ModelInferResponse(
-        model_name=answers.name, model_version=answers.version, id=message.id
-    )
-    response.outputs.add(name=contract.OUTPUT, datatype=answers.datatype, shape=query.shape)
-    response.raw_output_contents.append(raw)
-    return response.SerializeToString()
-
-
 def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.GenericRpcHandler:
     """The service's methods, every one on raw bytes."""
     answers = Answers(metadata)
@@ -144,7 +132,8 @@ def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.
     async def infer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
             if protobuf:
-                return protobuf_answer(answers, zeros, request)
+                # parse the request, build and serialize a new response (zeros prebuilt)
+                return answers.build(pb.ModelInferRequest.FromString(request), zeros)
             return answers.answer(request)
         except (DecodeError, ValueError, KeyError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"echo: {err}")
