@@ -19,9 +19,9 @@ from harness import link_repository
 from test_bench_cli import SCRIPT
 
 from mha.bench.framework import probes
-from mha.bench.framework.garbage import KINDS, RandomRequests, Shapes
 from mha.bench.framework.unary import Answer
 from mha.bench.scenarios import bursts
+from mha.bench.scenarios.garbage import KINDS, RandomRequests, Shapes
 from mha.proto import grpc_predict_v2_pb2 as pb
 
 SHAPES = Shapes("tiny", 64, "FP32", 64, 4096, 1 << 20)

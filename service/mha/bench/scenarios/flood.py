@@ -5,7 +5,7 @@ Phases (--phases), each followed by one good request on a fresh channel:
   b       burst B: 2,000 requests of (1,16) the same way
   random  3,000 requests, at most 16 in flight: mostly valid with random shapes, some
           hostile (sizes up to and past the limits, raw bytes off by one, malformed
-          fields), some not protobuf at all (mha.bench.framework.garbage), after a warm-up of
+          fields), some not protobuf at all (mha.bench.scenarios.garbage), after a warm-up of
           the same mix; the server's VmRSS after the warm-up, after the run and after a
           quiet period
 By default it starts `mha serve` (batching on, the default model, exported if missing;
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from mha import contract
-from mha.bench.framework import garbage, options, probes, report
+from mha.bench.framework import options, probes, report
 from mha.bench.framework.contenders import Contenders, Server, ServerFailed, given_or_started
 from mha.bench.framework.models import DEFAULT_MODEL, default_model
 from mha.bench.framework.report import say
 from mha.bench.framework.unary import Answer, Fired, NoConnection, burst, each, probe
-from mha.bench.scenarios import bursts
+from mha.bench.scenarios import bursts, garbage
 from mha.client import Client, ClientError
 from mha.errors import CliError
 
