@@ -42,7 +42,7 @@ render() {
     version=$("${PODMAN[@]}" version --format '{{.Client.Version}}')
     "$VENV/bin/kubectl" kustomize deploy/k8s/overlays/cpu \
         | "$VENV/bin/python" deploy/kube_for_podman.py "$version" > "$PLAY"
-    echo "podman $version; pod restartPolicy: $(grep -m1 -o 'restartPolicy: .*' "$PLAY" || echo 'as rendered (Always)')"
+    echo "podman $version; the pod's $(grep -m1 -o 'restartPolicy: .*' "$PLAY" || echo 'restartPolicy as rendered')"
 }
 
 # The init container ran once, exited 0 and was removed before the server started (podman's
