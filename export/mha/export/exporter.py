@@ -20,7 +20,7 @@ import onnxscript
 import torch
 
 from mha import contract
-from mha.export import repository, validate
+from mha.export import repository, torchlib_registry, validate
 from mha.export.cases import parity_cases
 from mha.export.decode_cases import decoding_cases
 from mha.export.failures import ExportValidationError, ValidationFailure
@@ -136,7 +136,7 @@ def trace(
     module = copy.deepcopy(source.module).to(TORCH_DTYPE[options.dtype])
     spec = spec_of(module, options)
     drop_torchvision_notices()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torchlib_registry.reused():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             spec.graph,
