@@ -1,4 +1,8 @@
-"""`mha export` as a user runs it: a real subprocess, real files."""
+"""`mha export` as a user runs it: real files; a real subprocess where the process matters.
+
+The argument errors run `mha.cli.main` in this process (each subprocess would import torch
+for an argument error); one of them also runs as a subprocess, to prove the two agree.
+"""
 
 from __future__ import annotations
 
@@ -25,11 +29,23 @@ def mha(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
+def mha_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    """`mha ARGS` through mha.cli.main here: (exit status, stderr)."""
+    from mha.cli import main
+
+    capsys.readouterr()
+    try:
+        status = main(list(map(str, args)))
+    except SystemExit as exit_:  # argparse's own errors
+        status = int(exit_.code or 0)
+    return status, capsys.readouterr().err
+
+
+def assert_one_error_line(status: int, stderr: str, *needles: str) -> None:
+    assert status == 2, stderr
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
 
@@ -90,15 +106,21 @@ def test_export_from_bert_checkpoint(tmp_path, bert_checkpoint):
     ],
     ids=["heads", "target", "missing", "junk", "wrong-shape", "bert-junk", "causal-cross", "d0"],
 )
-def test_bad_arguments_give_one_error_line(tmp_path, args, needles):
+def test_bad_arguments_give_one_error_line(tmp_path, capsys, args, needles):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00not a safetensors file")
     wrong = seeded_model(AttentionConfig(32, 4, kdim=16))
     save(wrong, tmp_path / "w16.safetensors")
     _rewrite_as_wrong_shape(tmp_path / "w16.safetensors", tmp_path / "wrong.safetensors")
     resolved = [str(tmp_path / a) if a.endswith(".safetensors") else a for a in args]
-    proc = mha("export", "--repository", tmp_path / "repo", *resolved)
-    assert_one_error_line(proc, *needles)
+    status, stderr = mha_in_process(capsys, "export", "--repository", tmp_path / "repo", *resolved)
+    assert_one_error_line(status, stderr, *needles)
     assert not (tmp_path / "repo" / "mha").exists()
+
+
+def test_a_bad_argument_gives_one_error_line_from_the_real_command(tmp_path):
+    proc = mha("export", "--repository", tmp_path / "repo", "--num-heads", "7")
+    assert_one_error_line(proc.returncode, proc.stderr, "not divisible by num_heads=7")
+    assert not (tmp_path / "repo").exists()
 
 
 def _rewrite_as_wrong_shape(source: Path, dest: Path) -> None:
