@@ -47,7 +47,8 @@ RULES = (
     Rule("mha", ("transformers",), "transformers is a test dependency only (tests/hf)"),
     Rule("mha.service", ("tokenizers",), "tokenizing is the client's optional `text` extra"),
 )  # fmt: skip
-LEAVES = ("mha.contract", "mha.errors", "mha.tables")  # import nothing of the project
+# import nothing of the project
+LEAVES = ("mha.contract", "mha.errors", "mha.tables", "mha.checkpoint_files")
 
 
 def module_name(path: Path, folder: Path, package: str) -> str:

@@ -7,19 +7,15 @@ layer of a large checkpoint costs only that layer's bytes; every file read is ha
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 from torch import Tensor
 
+from mha.checkpoint_files import CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE, shard_files
+from mha.checkpoint_files import read_json_object as read_file_object
 from mha.model.weights import WeightsError, file_sha256
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 class Checkpoint:
@@ -95,21 +91,13 @@ class Checkpoint:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file holding an object; WeightsError naming the file otherwise."""
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise WeightsError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(document, dict):
-        raise WeightsError(f"{path}: expected a JSON object, got {type(document).__name__}")
-    return document
+    return read_file_object(path, WeightsError)
 
 
 def tensor_files(folder: Path) -> dict[str, str]:
     """Tensor name -> file, from the shard index or the one model.safetensors."""
     if (folder / INDEX_FILE).is_file():
-        return indexed_files(folder)
+        return shard_files(folder, WeightsError)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise WeightsError(
@@ -117,20 +105,6 @@ def tensor_files(folder: Path) -> dict[str, str]:
             "never pickled .bin files)"
         )
     return dict.fromkeys(file_keys(path), WEIGHTS_FILE)
-
-
-def indexed_files(folder: Path) -> dict[str, str]:
-    """The index's weight_map, checked: string names to shard files that exist."""
-    index_path = folder / INDEX_FILE
-    weight_map = read_json_object(index_path).get("weight_map")
-    if not isinstance(weight_map, Mapping) or not weight_map:
-        raise WeightsError(f"{index_path}: no 'weight_map' object of tensor name -> file")
-    for name, file in weight_map.items():
-        if not isinstance(file, str) or "/" in file or file.startswith("."):
-            raise WeightsError(f"{index_path}: weight_map[{name!r}] = {file!r} is not a file name")
-        if not (folder / file).is_file():
-            raise WeightsError(f"{index_path}: weight_map[{name!r}] names {file}, which is missing")
-    return dict(weight_map)
 
 
 def file_keys(path: Path) -> list[str]:

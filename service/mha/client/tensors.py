@@ -16,27 +16,14 @@ from typing import Any
 
 import numpy as np
 
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+from mha.checkpoint_files import INDEX_FILE, WEIGHTS_FILE, shard_files
+from mha.checkpoint_files import CheckpointFileError as CheckpointError
+from mha.checkpoint_files import read_json_object as read_json
+
+__all__ = ["CheckpointError", "Tensors", "read_header", "read_json", "weight_files"]
+
 DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 MAX_HEADER_BYTES = 100 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing or malformed (the message names file and key)."""
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from a file; CheckpointError naming the file otherwise."""
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(document, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return document
 
 
 class Tensors:
@@ -80,10 +67,7 @@ class Tensors:
 def weight_files(folder: Path) -> list[str]:
     """The safetensors files of a folder: the shard index's, or model.safetensors."""
     if (folder / INDEX_FILE).is_file():
-        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{folder / INDEX_FILE}: no 'weight_map' object")
-        return sorted({str(f) for f in weight_map.values()})
+        return sorted(set(shard_files(folder).values()))
     if not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} nor {INDEX_FILE}")
     return [WEIGHTS_FILE]
