@@ -199,7 +199,9 @@ def test_cli_exports_cross_kv_cache(tmp_path):
     assert "cross kv-cache" in proc.stdout and "memory-ragged-B2-empty" in proc.stdout
     config = json.loads((tmp_path / "x" / "1" / "mha.json").read_text())
     assert config["sequence"]["max_context"] == 512 and config["kdim"] == 16
-    assert (tmp_path / "x" / "1" / "memory.onnx").is_file()
+    for graph in ("model.onnx", "memory.onnx"):  # each graph says what it was exported as
+        metadata = onnx.load(str(tmp_path / "x" / "1" / graph)).metadata_props
+        assert json.loads({p.key: p.value for p in metadata}["mha.config"]) == config, graph
 
 
 def test_a_failed_memory_export_writes_nothing(exported, module, tmp_path):

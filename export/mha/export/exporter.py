@@ -289,16 +289,14 @@ def install_validated(
     try:
         with timer.step(4, "write model files"):
             config = model_config(options, source, [])
-            files = repository.write_version(model, config, staging, options.external_data)
-            if memory is not None:
-                memory_file = contract.MEMORY_FILE
-                files += repository.save_model(memory, staging, options.external_data, memory_file)
+            extra = {contract.MEMORY_FILE: memory} if memory is not None else None
+            files = repository.write_version(model, config, staging, options.external_data, extra)
         results = staged_parity(staging, options, source, timer)
         failures = [*failures, *validate.parity_failures(results)]
         if failures:
             raise ExportValidationError(failures)
         config = model_config(options, source, results)
-        repository.write_version(model, config, staging, options.external_data)
+        repository.write_version(model, config, staging, options.external_data, extra)
         repository.install(staging, options.model_dir)
     finally:
         if staging.exists():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -52,11 +53,19 @@ def staging_dir(final: Path) -> Path:
 
 
 def write_version(
-    model: onnx.ModelProto, config: dict, staging: Path, external: bool | None
+    model: onnx.ModelProto,
+    config: dict,
+    staging: Path,
+    external: bool | None,
+    extra: Mapping[str, onnx.ModelProto] | None = None,
 ) -> list[Path]:
-    """Write model.onnx and mha.json into the staging folder."""
-    set_metadata(model, {METADATA_KEY: json.dumps(config, sort_keys=True)})
-    files = save_model(model, staging, external)
+    """Write model.onnx, the extra graphs (file name -> graph: a memory export's
+    memory.onnx) and mha.json into the staging folder; every graph carries mha.json."""
+    metadata = {METADATA_KEY: json.dumps(config, sort_keys=True)}
+    files = []
+    for file, graph in {MODEL_FILE: model, **(extra or {})}.items():
+        set_metadata(graph, metadata)
+        files += save_model(graph, staging, external, file)
     (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return [*files, staging / CONFIG_FILE]
 
