@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,28 +15,41 @@ import pytest
 
 @pytest.fixture(scope="session")
 def export_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model repository shared by the whole session."""
-    return tmp_path_factory.mktemp("models")
+    """One model repository shared by the whole session, and by its xdist workers."""
+    base = tmp_path_factory.getbasetemp()
+    # Under xdist each worker's basetemp is <run>/popen-gwN: the run's folder is shared.
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    repo = shared / "exports"
+    repo.mkdir(exist_ok=True)
+    return repo
 
 
 @pytest.fixture(scope="session")
 def exported(export_repo: Path) -> Callable[..., Path]:
-    """Export (once per distinct set of options) and return the version folder.
+    """Export (once per distinct set of options, whichever worker asks first) and return
+    the version folder.
 
     Keyword arguments are ExportOptions fields; d_model 64 and 4 heads by default so the
-    suite stays fast; pass d_model=512, num_heads=8 for the embedded default's shape.
+    suite stays fast; pass d_model=512, num_heads=8 for the embedded default's shape. The
+    model's name is a digest of its options; a lock file per name makes a second worker
+    wait for the first one's export instead of making its own.
     """
     from mha.export import ExportOptions, export_model
 
-    cache: dict[tuple, Path] = {}
+    cache: dict[str, Path] = {}
 
     def get(**fields: object) -> Path:
         fields = {"d_model": 64, "num_heads": 4, **fields}
-        key = tuple(sorted(fields.items()))
+        key = json.dumps(sorted(fields.items()), default=str)
         if key not in cache:
-            name = "m" + str(len(cache))
+            name = "m" + hashlib.sha256(key.encode()).hexdigest()[:12]
             options = ExportOptions(repository=export_repo, name=name, **fields)  # type: ignore[arg-type]
-            cache[key] = export_model(options, progress=lambda _: None).model_dir
+            with (export_repo / f"{name}.lock").open("w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                done = options.model_dir / "mha.json"
+                if not done.is_file():
+                    export_model(options, progress=lambda _: None)
+            cache[key] = options.model_dir
         return cache[key]
 
     return get
