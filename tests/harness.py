@@ -65,9 +65,11 @@ class RunningServer:
 
 
 def settings_for(repository: Path, **overrides: Any) -> Settings:
-    """Test settings: port 0, no metrics endpoint, 2 threads, no batching by default."""
+    """Test settings: port 0, no metrics endpoint, 2 threads, no batching by default, and no
+    refusal by expected queue time (an estimate of durations: on a loaded machine it refuses
+    what a test sends; tests of admission set max_queue_delay_ms themselves)."""
     base = Settings(
         host="127.0.0.1", port=0, metrics_port=None, repository=repository, device="cpu",
-        threads=2, batching=False, grace_seconds=5,
+        threads=2, batching=False, grace_seconds=5, max_queue_delay_ms=0,
     )  # fmt: skip
     return dataclasses.replace(base, **overrides)
