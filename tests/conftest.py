@@ -79,8 +79,21 @@ def write_bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert."):
     return tensors
 
 
+# Files whose tests share nothing costly but the session's exports: under `--dist loadgroup`
+# (pyproject.toml) their tests spread over the workers one by one. Every other file is one
+# xdist group, so its module-scoped servers start once, in one worker.
+SPREAD_FILES = {
+    "tests/export/test_parity.py",
+    "tests/export/test_memory_export.py",
+    "tests/export/test_kv_cache_export.py",
+    "tests/export/test_cli.py",
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `cuda` tests without a CUDA-capable ONNX Runtime, `podman` tests without podman."""
+    """Skip `cuda` tests without a CUDA-capable ONNX Runtime, `podman` tests without podman;
+    group each file's tests for xdist but SPREAD_FILES'."""
     import shutil
 
     import onnxruntime as ort
@@ -94,3 +107,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+        file = item.nodeid.split("::")[0]
+        if file not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(file))
