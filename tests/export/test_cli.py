@@ -1,7 +1,5 @@
-"""`mha export` as a user runs it: real files; a real subprocess where the process matters.
-
-The argument errors run `mha.cli.main` in this process (each subprocess would import torch
-for an argument error); one of them also runs as a subprocess, to prove the two agree.
+"""`mha export` as a user runs it: real files; the real command in a subprocess for the
+round trip and one argument error, mha.cli.main in this process for the rest (tests/commands.py).
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from commands import mha_in_process
 
 from mha.model import AttentionConfig, save, seeded_model
 from mha.model.weights import file_sha256
@@ -29,23 +28,11 @@ def mha(*args: str | Path) -> subprocess.CompletedProcess:
     )
 
 
-def mha_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
-    """`mha ARGS` through mha.cli.main here: (exit status, stderr)."""
-    from mha.cli import main
-
-    capsys.readouterr()
-    try:
-        status = main(list(map(str, args)))
-    except SystemExit as exit_:  # argparse's own errors
-        status = int(exit_.code or 0)
-    return status, capsys.readouterr().err
-
-
-def assert_one_error_line(status: int, stderr: str, *needles: str) -> None:
-    assert status == 2, stderr
-    assert "Traceback" not in stderr
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, stderr
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
 
@@ -70,10 +57,12 @@ def test_export_round_trip_then_if_missing(tmp_path):
     assert (folder / "model.onnx").stat().st_mtime_ns == before
 
 
-def test_export_from_our_safetensors(tmp_path):
+def test_export_from_our_safetensors(tmp_path, capsys):
     weights = tmp_path / "w.safetensors"
     save(seeded_model(AttentionConfig(32, 4), seed=7), weights)
-    proc = mha("export", "--repository", tmp_path, "--weights", weights, "--attention-op", "onnx")
+    proc = mha_in_process(
+        capsys, "export", "--repository", tmp_path, "--weights", weights, "--attention-op", "onnx"
+    )
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "mha" / "1" / "mha.json").read_text())
     assert config["weights_source"] == "safetensors:w.safetensors"
@@ -81,11 +70,13 @@ def test_export_from_our_safetensors(tmp_path):
     assert (config["d_model"], config["node"], config["opset"]) == (32, "Attention", 23)
 
 
-def test_export_from_bert_checkpoint(tmp_path, bert_checkpoint):
+def test_export_from_bert_checkpoint(tmp_path, capsys, bert_checkpoint):
     path = tmp_path / "bert" / "model.safetensors"
     path.parent.mkdir()
     bert_checkpoint(path, d_model=32, heads=4, layers=2)
-    proc = mha("export", "--repository", tmp_path, "--bert", path, "--bert-layer", 1)
+    proc = mha_in_process(
+        capsys, "export", "--repository", tmp_path, "--bert", path, "--bert-layer", 1
+    )
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "mha" / "1" / "mha.json").read_text())
     assert config["weights_source"] == "bert:model.safetensors#layer1"
@@ -112,14 +103,14 @@ def test_bad_arguments_give_one_error_line(tmp_path, capsys, args, needles):
     save(wrong, tmp_path / "w16.safetensors")
     _rewrite_as_wrong_shape(tmp_path / "w16.safetensors", tmp_path / "wrong.safetensors")
     resolved = [str(tmp_path / a) if a.endswith(".safetensors") else a for a in args]
-    status, stderr = mha_in_process(capsys, "export", "--repository", tmp_path / "repo", *resolved)
-    assert_one_error_line(status, stderr, *needles)
+    proc = mha_in_process(capsys, "export", "--repository", tmp_path / "repo", *resolved)
+    assert_one_error_line(proc, *needles)
     assert not (tmp_path / "repo" / "mha").exists()
 
 
 def test_a_bad_argument_gives_one_error_line_from_the_real_command(tmp_path):
     proc = mha("export", "--repository", tmp_path / "repo", "--num-heads", "7")
-    assert_one_error_line(proc.returncode, proc.stderr, "not divisible by num_heads=7")
+    assert_one_error_line(proc, "not divisible by num_heads=7")
     assert not (tmp_path / "repo").exists()
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from commands import mha_in_process
 from onnx import numpy_helper
 
 from mha import contract
@@ -188,12 +187,10 @@ def test_cross_kv_cache_refuses_causal(tmp_path):
         ExportOptions(kv_cache=True, self_attention=False, causal=True)
 
 
-def test_cli_exports_cross_kv_cache(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mha.cli", "export", "--repository", str(tmp_path), "--name", "x",
-         "--kv-cache", "--cross", "--d-model", "32", "--num-heads", "2", "--kdim", "16",
-         "--max-sequence-length", "512"],
-        capture_output=True, text=True, timeout=120,
+def test_cli_exports_cross_kv_cache(tmp_path, capsys):
+    proc = mha_in_process(
+        capsys, "export", "--repository", tmp_path, "--name", "x", "--kv-cache", "--cross",
+        "--d-model", 32, "--num-heads", 2, "--kdim", 16, "--max-sequence-length", 512,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "cross kv-cache" in proc.stdout and "memory-ragged-B2-empty" in proc.stdout
