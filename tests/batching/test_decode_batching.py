@@ -90,7 +90,9 @@ def test_batched_steps_equal_each_step_alone(step_session, plan, seed) -> None:
             await scheduler.close()
 
     results = asyncio.run(all_at_once())
-    assert runner.calls == 1  # they all queued before the first run: one session call
+    # They all queued before the first run: one session call for the one-token steps, one
+    # for the others (StepRuns.key keeps them apart).
+    assert runner.calls == len({new == 1 for _, new in plan})
     for job, result in zip(jobs, results, strict=True):
         alone = run(step_session)(job.inputs, STEP_OUTPUTS)
         for name in STEP_OUTPUTS:
@@ -110,6 +112,17 @@ def test_padding_fraction_counts_padded_context_slots() -> None:
     ]
     # slots: 2 x (6 + 3) = 18, real: 7 + 5 = 12
     assert runs.fraction([runs.shape(j) for j in jobs]) == pytest.approx(6 / 18)
+
+
+def test_one_token_steps_never_share_a_run_with_a_prompt_chunk() -> None:
+    """A chunk of T rows would pad every one-token step of its run to T rows."""
+    runs = StepRuns()
+    past = np.zeros((1, 5, E), np.float32)
+    keys = [
+        runs.key(step_inputs(np.zeros((1, t, E), np.float32), past, past), STEP_OUTPUTS)
+        for t in (1, 1, 4, 3)
+    ]
+    assert keys[0] == keys[1] != keys[2] == keys[3]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +168,7 @@ def test_batched_memory_steps_equal_each_step_alone(memory_step_session, plan, s
             await scheduler.close()
 
     results = asyncio.run(all_at_once())
-    assert runner.calls == 1
+    assert runner.calls == len({new == 1 for _, _, new in plan})  # as for StepRuns
     for job, result in zip(jobs, results, strict=True):
         alone = run(memory_step_session)(job.inputs, MEMORY_OUTPUTS)
         np.testing.assert_allclose(result.outputs["output"], alone["output"], rtol=0, atol=ATOL,

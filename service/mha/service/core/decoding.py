@@ -130,8 +130,10 @@ class StepRuns:
         return Shape(B=1, L=new, S=past + new)  # S = the context the step attends
 
     def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
+        """Steps of one token share runs with each other only: a prompt's chunk of T rows
+        would pad every one-token step of its run to T rows."""
         query = inputs[QUERY]
-        return (frozenset(outputs), query.dtype.str, query.shape[2:])
+        return (frozenset(outputs), query.dtype.str, query.shape[2:], query.shape[1] == 1)
 
     def fraction(self, shapes: Sequence[Shape]) -> float:
         """Padded context slots / all slots of the batch."""
