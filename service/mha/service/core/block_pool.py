@@ -114,9 +114,12 @@ class BlockPool:
 
     def _stretches(self) -> tuple[np.ndarray, np.ndarray]:
         """Start and length of every run of free blocks, in arena order."""
-        edges = np.diff(np.concatenate(([0], self._free.view(np.int8), [0])))
-        starts = np.flatnonzero(edges == 1)
-        return starts, np.flatnonzero(edges == -1) - starts
+        free = self._free
+        changes = np.flatnonzero(free[1:] != free[:-1]) + 1  # where a run begins
+        bounds = np.concatenate((np.zeros(1, np.intp), changes, np.full(1, len(free), np.intp)))
+        starts = bounds[:-1]
+        chosen = free[starts]
+        return starts[chosen], (bounds[1:] - starts)[chosen]
 
 
 def _arena(rows: int, row_size: int, dtype: np.dtype) -> np.ndarray:

@@ -52,7 +52,7 @@ class Settings:
     kv_cache_bytes: int | None = None  # None: a quarter of the memory limit
     max_sequences: int = 1024  # active sequences at once, over every sequence model
     kv_block_tokens: int = 16  # rows per KV cache block (docs/performance.md, "Paged KV cache")
-    prefill_chunk_tokens: int = 256  # a longer prompt runs in chunks of this many (0 = whole)
+    prefill_chunk_tokens: int = 64  # a longer prompt runs in chunks of this many (0 = whole)
     sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
     max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
     max_concurrent_rpcs: int = 1024  # calls in progress at once, streams included (0 = no limit)
