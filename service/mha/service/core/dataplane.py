@@ -233,7 +233,10 @@ class DataPlane:
             results = []
             for chunk in decoding.chunks(query, self.prefill_chunk_tokens):
                 inputs = decoding.step_inputs(chunk, *entry.past())
-                job = InferenceJob(request.id, inputs, decoding.STEP_OUTPUTS, request.deadline)
+                job = InferenceJob(
+                    request.id, inputs, decoding.STEP_OUTPUTS, request.deadline,
+                    offload=chunk.shape[1] > 1,
+                )  # fmt: skip
                 result = await self._submit(served, job, labels)
                 new = result.outputs
                 self.sequences.append(entry, new[contract.NEW_KEY][0], new[contract.NEW_VALUE][0])
