@@ -210,7 +210,9 @@ class DataPlane:
         if spec.sequence.is_memory:
             return await self._memory_step(served, request, labels, control, key)
         checked = validation.check(request, spec, served.limits)
-        with served.admission.admit(request.id, checked.elements, request.deadline):
+        # Its work: the step's feeds, the past it reads too (a step costs by its context).
+        work = checked.elements + 2 * self.sequences.length_of(key) * spec.d_model
+        with served.admission.admit(request.id, work, request.deadline):
             query = checked.decode().inputs[contract.QUERY]
             entry = await self._enter(served, request, control, key)
             result = await self._step_run(served, request, labels, control, entry, query)

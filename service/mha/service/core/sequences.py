@@ -157,6 +157,11 @@ class SequenceStore:
             self._release(sequence)
         sequence.lock.release()
 
+    def length_of(self, key: SequenceKey) -> int:
+        """Rows the sequence holds now (0 when it is not active)."""
+        sequence = self.active.get(key)
+        return 0 if sequence is None else sequence.length
+
     def make_room(self, sequence: Sequence, tokens: int) -> None:
         """Take blocks so `tokens` more rows fit: OutOfRange past the maximum context,
         ResourceExhausted when the budget cannot hold the blocks."""
