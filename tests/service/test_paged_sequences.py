@@ -8,7 +8,9 @@ its prompt ran in one step or in chunks with other sequences' steps between them
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -95,3 +97,38 @@ def test_sequences_in_a_crowded_pool_answer_as_alone(server: RunningServer, kv_r
     oracle = FullForward(kv_repo / "kv" / "1")
     for sequence_id, answers in zip(plans, results, strict=True):
         check_steps(oracle, plans[sequence_id], answers)
+
+
+def test_admission_counts_a_step_with_the_past_it_reads(kv_repo: Path) -> None:
+    """A step's admitted work is its feeds' elements: the new row and the 2 x 10 past rows
+    (counted as its query alone, a long prompt weighed as many steps and held them out)."""
+    entered, release, holding = threading.Event(), threading.Event(), threading.Event()
+
+    def wrap(runner):  # type: ignore[no-untyped-def]
+        def run(feeds, names):  # type: ignore[no-untyped-def]
+            if holding.is_set():
+                entered.set()
+                release.wait(60)
+            return runner(feeds, names)
+
+        return run
+
+    # The held run must be in the executor, so the loop answers meanwhile: no inline runs.
+    settings = settings_for(kv_repo, batching=True, inline_runs_under_us=0)
+    held = RunningServer(settings, wrap_runner=wrap).load()
+    admission = held.server.plane.table.served["kv", 1].admission
+    prompt, step = chunks(np.random.default_rng(13), [10, 1])
+    try:
+        with Client(held.url) as client, ThreadPoolExecutor(1) as pool:
+            client.infer("kv", {"query": prompt}, sequence=SequenceStep("w", start=True))
+            holding.set()
+            stepped = pool.submit(
+                client.infer, "kv", {"query": step}, sequence=SequenceStep("w", end=True)
+            )
+            assert entered.wait(60)
+            assert admission.backlog == 1 * E + 2 * 10 * E
+            release.set()
+            assert stepped.result(60).outputs["output"].shape == (1, 1, E)
+    finally:
+        release.set()
+        held.close()
