@@ -116,3 +116,19 @@ def test_a_sequence_ended_during_a_step_keeps_its_blocks_until_the_step_leaves()
         assert pool.in_use == 0 and store.used_bytes == 0
 
     asyncio.run(closed_mid_step())
+
+
+def test_a_budget_past_the_memory_is_refused_at_the_pool_not_mapped() -> None:
+    block_bytes = 4 * LAYOUT.row_bytes
+    tables = BlockTables(budget_bytes=1 << 50, block_tokens=4, memory_bytes=3 * block_bytes)
+    pool = tables.pool("m", LAYOUT)
+    table = BlockTable(pool)
+    tables.grow(table, 12, "sequence 1 starting", holders=0)
+    assert pool.blocks == 3
+    with pytest.raises(ResourceExhausted) as refused:
+        tables.grow(table, 13, "sequence 1 growing to 16 tokens", holders=1)
+    assert refused.value.message == (
+        "sequence 1 growing to 16 tokens needs 1 more cache blocks; 3 of the 3 its model's "
+        "pool holds (the memory the server may use) are in use; end some or retry later"
+    )
+    assert tables.held_bytes == 3 * block_bytes

@@ -98,21 +98,30 @@ class BlockTable:
 class BlockTables:
     """Block pools per model version and the one byte budget they share (event loop only)."""
 
-    def __init__(self, budget_bytes: int, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        memory_bytes: int | None = None,
+    ) -> None:
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         self.budget_bytes = budget_bytes
         self.block_tokens = block_tokens
+        # A pool's arenas are at most the memory the process may use: the kernel refuses to
+        # map more than the machine holds, and a budget past it could never be filled.
+        self.arena_bytes = min(budget_bytes, memory_bytes or budget_bytes)
         self.pools: dict[Hashable, BlockPool] = {}
         self.held_bytes = 0  # blocks in use, over every pool
         self.rows_bytes = 0  # filled rows, over every table
 
     def pool(self, owner: Hashable, layout: CacheLayout) -> BlockPool:
-        """The pool of one model version (created on first use, as large as the budget)."""
+        """The pool of one model version (created on first use, as large as the budget, or
+        the memory when that is less)."""
         pool = self.pools.get(owner)
         if pool is None:
             block_bytes = self.block_tokens * layout.row_bytes
-            blocks = max(1, self.budget_bytes // block_bytes)
+            blocks = max(1, self.arena_bytes // block_bytes)
             headroom = -(-layout.max_context // self.block_tokens)  # a whole context
             pool = BlockPool(blocks, self.block_tokens, layout.row_size, layout.dtype, headroom)
             self.pools[owner] = pool
@@ -135,6 +144,12 @@ class BlockTables:
                 f"{what} needs {nbytes} more cache bytes; {self.held_bytes} of the budget of "
                 f"{self.budget_bytes} (--kv-cache-bytes) are in use by {holders} sequences; "
                 f"end some or retry later"
+            )
+        if count > pool.free:
+            raise ResourceExhausted(
+                f"{what} needs {count} more cache blocks; {pool.in_use} of the {pool.blocks} "
+                f"its model's pool holds (the memory the server may use) are in use; end "
+                f"some or retry later"
             )
         self.held_bytes += nbytes
         last = table.blocks[-1] if table.blocks else None

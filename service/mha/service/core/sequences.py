@@ -108,7 +108,9 @@ class SequenceStore:
         # Least recently used first: a sequence moves to the end whenever it is left, so the
         # idle ones are found at the front without visiting every active sequence.
         self.active: dict[SequenceKey, Sequence] = {}
-        self.tables = BlockTables(limits.cache_bytes, limits.block_tokens)
+        self.tables = BlockTables(
+            limits.cache_bytes, limits.block_tokens, memory_bytes=machine_cache_bytes(1.0)
+        )
         if metrics is not None:
             metrics.cache_rows_bytes.set_function(lambda: self.tables.rows_bytes)
         self._evicted: collections.OrderedDict[SequenceKey, Eviction] = collections.OrderedDict()
