@@ -9,6 +9,7 @@ must equal that step run alone.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from mha.service.core.decoding import (
     memory_step_inputs,
     step_inputs,
 )
-from mha.service.core.scheduling import InferenceJob
+from mha.service.core.scheduling import DirectScheduler, InferenceJob, PromptsApart
 
 E = 64
 ATOL = contract.PARITY_TOLERANCE["FP32"][0]
@@ -90,7 +91,9 @@ def test_batched_steps_equal_each_step_alone(step_session, plan, seed) -> None:
             await scheduler.close()
 
     results = asyncio.run(all_at_once())
-    assert runner.calls == 1  # they all queued before the first run: one session call
+    # They all queued before the first run: one session call for the one-token steps, one
+    # for the others (StepRuns.key keeps them apart).
+    assert runner.calls == len({new == 1 for _, new in plan})
     for job, result in zip(jobs, results, strict=True):
         alone = run(step_session)(job.inputs, STEP_OUTPUTS)
         for name in STEP_OUTPUTS:
@@ -110,6 +113,50 @@ def test_padding_fraction_counts_padded_context_slots() -> None:
     ]
     # slots: 2 x (6 + 3) = 18, real: 7 + 5 = 12
     assert runs.fraction([runs.shape(j) for j in jobs]) == pytest.approx(6 / 18)
+
+
+def test_a_step_runs_while_a_prompt_chunk_is_held(step_session) -> None:
+    """Offloaded jobs (a prompt's chunks) never hold the steps' run slot (PromptsApart)."""
+    entered, gate = threading.Event(), threading.Event()
+    real = run(step_session)
+
+    def runner(feeds, outputs):  # type: ignore[no-untyped-def]
+        if feeds[contract.QUERY].shape[1] > 1:  # the chunk waits for the gate
+            entered.set()
+            assert gate.wait(timeout=30), "the gate stayed shut"
+        return real(feeds, outputs)
+
+    steps = BatchingScheduler(
+        runner, BatchingOptions(policy="fifo"), self_attention=True, runs=StepRuns()
+    )
+    scheduler = PromptsApart(steps, DirectScheduler(runner))
+    past = np.ones((1, 4, E), np.float32)
+    chunk = step_inputs(np.ones((1, 8, E), np.float32), past, past)
+    step = step_inputs(np.ones((1, 1, E), np.float32), past, past)
+
+    async def step_beside_a_held_chunk() -> None:
+        held = asyncio.create_task(
+            scheduler.submit(InferenceJob("chunk", chunk, STEP_OUTPUTS, offload=True))
+        )
+        await asyncio.to_thread(entered.wait, 30)
+        await scheduler.submit(InferenceJob("step", step, STEP_OUTPUTS))
+        assert not held.done()  # the step ran while the chunk was still held
+        gate.set()
+        await held
+        await scheduler.close()
+
+    asyncio.run(step_beside_a_held_chunk())
+
+
+def test_one_token_steps_never_share_a_run_with_a_prompt_chunk() -> None:
+    """A chunk of T rows would pad every one-token step of its run to T rows."""
+    runs = StepRuns()
+    past = np.zeros((1, 5, E), np.float32)
+    keys = [
+        runs.key(step_inputs(np.zeros((1, t, E), np.float32), past, past), STEP_OUTPUTS)
+        for t in (1, 1, 4, 3)
+    ]
+    assert keys[0] == keys[1] != keys[2] == keys[3]
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +202,7 @@ def test_batched_memory_steps_equal_each_step_alone(memory_step_session, plan, s
             await scheduler.close()
 
     results = asyncio.run(all_at_once())
-    assert runner.calls == 1
+    assert runner.calls == len({new == 1 for _, _, new in plan})  # as for StepRuns
     for job, result in zip(jobs, results, strict=True):
         alone = run(memory_step_session)(job.inputs, MEMORY_OUTPUTS)
         np.testing.assert_allclose(result.outputs["output"], alone["output"], rtol=0, atol=ATOL,

@@ -30,6 +30,7 @@ QUICK_POINTS = {  # (contestant, prompt, sequences) of --quick
 TABLES = (
     "decode figures", "KV cache vs recompute", "continuous batching on vs off",
     "gRPC step vs the protocol floor and the in-process ceiling", "same answers", "targets",
+    "decoding while long prompts arrive",
 )  # fmt: skip
 
 
@@ -66,9 +67,16 @@ def test_quick_decode_bench_covers_every_contestant(decode_repo: Path, tmp_path:
     assert {a["pair"] for a in document["agreement"]} == {
         "cached vs recompute", "cached vs batching-off", "cached vs in-process",
     }  # fmt: skip
-    # cache vs recompute, on vs off, then the floor's: x1 p50 and share of bound, x4 share
+    mixed = document["mixed"]  # 8 sequences stepping while two prompts arrive, on and off
+    assert [m["contestant"] for m in mixed] == ["cached", "batching-off"]
+    for m in mixed:
+        assert m["steps_during"] > 0 and m["steps_without"] > 0, m
+        assert m["steps_during"] + m["steps_without"] == 8 * 4 and m["refused"] == 0, m
+        assert 0 < m["during_p50_ms"] <= m["during_p99_ms"] and m["prefill_p50_ms"] > 0, m
+    # cache vs recompute (1), on vs off tokens/s and p99 (2 x 2), cache bytes (2), mixed (2),
+    # then the floor's: x1 p50 and share of bound, x4 share (3)
     targets = document["targets"]
-    assert len(targets) == 5 and all(math.isfinite(t["value"]) for t in targets), targets
+    assert len(targets) == 12 and all(math.isfinite(t["value"]) for t in targets), targets
     assert all(t["value"] > 0 for t in targets if "bound" in t["target"]), targets
     assert len(document["machine"]["loadavg_before"]) == 3
     assert set(document["servers"]) == {"on", "off", "echo"}

@@ -12,10 +12,11 @@ import pytest
 from harness import RunningServer, link_repository, settings_for
 
 from mha.client import Client, ClientError, SequenceStep
-from mha.service.core.sequences import MIN_CAPACITY, CacheLayout, SequenceLimits, SequenceStore
+from mha.service.core.block_tables import DEFAULT_BLOCK_TOKENS, CacheLayout
+from mha.service.core.sequences import SequenceLimits, SequenceStore
 
 E = 64
-ONE_CACHE = 2 * MIN_CAPACITY * E * 4  # bytes of a new fp32 sequence's two buffers
+ONE_CACHE = 2 * DEFAULT_BLOCK_TOKENS * E * 4  # bytes of one fp32 block: a new sequence
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_growth_past_the_budget_is_refused_and_the_sequence_keeps_its_tokens(kv_
     try:
         with Client(server.url) as client:
             client.infer("kv", {"query": tokens(3)}, sequence=SequenceStep(1, start=True))
-            grow = refused(client, SequenceStep(1), count=MIN_CAPACITY)
+            grow = refused(client, SequenceStep(1), count=DEFAULT_BLOCK_TOKENS)
             assert grow.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "growing to" in grow.details
             client.infer("kv", {"query": tokens(1)}, sequence=SequenceStep(1, end=True))

@@ -133,7 +133,7 @@ async def _finish(stream: AsyncStream) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _streams(client: AsyncClient, count: int) -> AsyncIterator[list[AsyncStream]]:
+async def open_streams(client: AsyncClient, count: int) -> AsyncIterator[list[AsyncStream]]:
     streams = [client.stream() for _ in range(count)]
     try:
         yield streams
@@ -155,7 +155,7 @@ async def _run(how: Served, plans: list[SequencePlan]) -> Measured:
     refusals = Refusals()
     async with (
         AsyncClient(how.url, timeout=None) as client,
-        _streams(client, len(plans)) as streams,
+        open_streams(client, len(plans)) as streams,
     ):
         prefills = [
             exchange(s, how.model, p.prefill, refusals)

@@ -1,7 +1,8 @@
 """Admission: bound a model version's waiting in time, not only in count.
 
 A request is admitted after its headers passed (so a malformed one gets its own error) and
-before its tensors are decoded. Its work is the number of input elements it declares; the
+before its tensors are decoded. Its work is the number of input elements it declares (a
+sequence step's: those and the past rows it reads, the data plane's count); the
 backlog is the work admitted and not yet answered. The service rate (work per second while
 the backlog is not empty) is measured from the answers themselves, over windows of at least
 WINDOW_SECONDS of busy time, smoothed. So the expected wait of a new request is

@@ -216,7 +216,7 @@ class BatchingScheduler:
         assert slots is not None
         await slots.acquire()  # free (checked): returns at once
         work = elements((job,))
-        inline = self._place.inline(work)
+        inline = not job.offload and self._place.inline(work)
         if inline:
             try:
                 run = self._compute((job,))
@@ -229,7 +229,8 @@ class BatchingScheduler:
             # The slot is held until the run ends, even if the client goes away meanwhile.
             pending.add_done_callback(lambda _: slots.release())
             run = await asyncio.shield(pending)
-        self._place.ran(run.end - run.start, work)
+        if not job.offload:
+            self._place.ran(run.end - run.start, work)
         self.gain.ran(run.end - run.start, work, 1)
         if self._metrics is not None:
             self._metrics.batch_run(
@@ -359,12 +360,14 @@ class BatchingScheduler:
             loop = asyncio.get_running_loop()
             jobs = [p.job for p in batch]
             work = elements(jobs)
-            inline = self._place.inline(work)
+            offload = any(j.offload for j in jobs)
+            inline = not offload and self._place.inline(work)
             if inline:
                 run = self._compute(jobs)
             else:
                 run = await loop.run_in_executor(self._executor, self._compute, jobs)
-            self._place.ran(run.end - run.start, work)
+            if not offload:
+                self._place.ran(run.end - run.start, work)
             self.gain.ran(run.spent, work, len(jobs))
         except Exception as error:  # the runner's failure is every job's failure
             log.debug("batch of %d jobs failed: %r", len(batch), error)

@@ -57,8 +57,10 @@ class DataPlane:
         metrics: StatsMetrics,
         loader: Loader,
         store: sequences.SequenceStore,
+        prefill_chunk_tokens: int = 0,
     ) -> None:
         self.table = table
+        self.prefill_chunk_tokens = prefill_chunk_tokens  # 0: a request's new rows in one run
         self.metrics = metrics
         self.loader = loader
         self.sequences = store
@@ -93,9 +95,11 @@ class DataPlane:
             cache_bytes=settings.kv_cache_bytes or sequences.machine_cache_bytes(),
             max_sequences=settings.max_sequences,
             idle_seconds=settings.sequence_idle_seconds,
+            block_tokens=settings.kv_block_tokens,
         )
         store = sequences.SequenceStore(limits, metrics)
-        return cls(ModelTable(repository.scan(settings.repository)), metrics, loader, store)
+        table = ModelTable(repository.scan(settings.repository))
+        return cls(table, metrics, loader, store, settings.prefill_chunk_tokens)
 
     @property
     def ready(self) -> bool:
@@ -206,7 +210,9 @@ class DataPlane:
         if spec.sequence.is_memory:
             return await self._memory_step(served, request, labels, control, key)
         checked = validation.check(request, spec, served.limits)
-        with served.admission.admit(request.id, checked.elements, request.deadline):
+        # Its work: the step's feeds, the past it reads too (a step costs by its context).
+        work = checked.elements + 2 * self.sequences.length_of(key) * spec.d_model
+        with served.admission.admit(request.id, work, request.deadline):
             query = checked.decode().inputs[contract.QUERY]
             entry = await self._enter(served, request, control, key)
             result = await self._step_run(served, request, labels, control, entry, query)
@@ -221,17 +227,30 @@ class DataPlane:
         entry: sequences.Sequence,
         query: np.ndarray,
     ) -> JobResult:
-        failed = True
+        """The new rows' step, in chunks of --prefill-chunk-tokens rows (each its own run,
+        so other sequences' steps run between them); a failure keeps the rows it had."""
+        failed, before = True, entry.length
         try:
             self.sequences.make_room(entry, query.shape[1])
-            inputs = decoding.step_inputs(query, *entry.past())
-            job = InferenceJob(request.id, inputs, decoding.STEP_OUTPUTS, request.deadline)
-            result = await self._run(served, job, request, labels)
-            entry.append(result.outputs[contract.NEW_KEY][0], result.outputs[contract.NEW_VALUE][0])
+            results = []
+            for chunk in decoding.chunks(query, self.prefill_chunk_tokens):
+                inputs = decoding.step_inputs(chunk, *entry.past())
+                job = InferenceJob(
+                    request.id, inputs, decoding.STEP_OUTPUTS, request.deadline,
+                    offload=chunk.shape[1] > 1,
+                )  # fmt: skip
+                result = await self._submit(served, job, labels)
+                new = result.outputs
+                self.sequences.append(entry, new[contract.NEW_KEY][0], new[contract.NEW_VALUE][0])
+                results.append(result)
             failed = False
         finally:
+            if failed:
+                self.sequences.truncate(entry, before)
             # A failed first request leaves no empty sequence behind.
             self.sequences.leave(entry, end=control.end or (failed and control.start))
+        result = decoding.joined(results)
+        self._record(request, labels, result, query)
         return result
 
     async def _memory_step(
@@ -302,7 +321,8 @@ class DataPlane:
         names = (contract.MEMORY_KEY, contract.MEMORY_VALUE)
         loop = asyncio.get_running_loop()
         projected = await loop.run_in_executor(self.loader.executor, runner, feeds, names)
-        entry.append(projected[contract.MEMORY_KEY][0], projected[contract.MEMORY_VALUE][0])
+        memory_key, memory_value = projected[contract.MEMORY_KEY], projected[contract.MEMORY_VALUE]
+        self.sequences.append(entry, memory_key[0], memory_value[0])
         entry.mask = np.array(inputs[contract.KEY_PADDING_MASK][0], dtype=bool)
 
     def _step_response(
@@ -317,21 +337,32 @@ class DataPlane:
     async def _run(
         self, served: ServedModel, job: InferenceJob, request: InferRequest, labels: tuple[str, str]
     ) -> JobResult:
-        """Submit to the model's scheduler; count it in flight, then as a success."""
+        """Submit to the model's scheduler and record the request's success."""
+        result = await self._submit(served, job, labels)
+        self._record(request, labels, result, job.inputs[contract.QUERY])
+        return result
+
+    async def _submit(
+        self, served: ServedModel, job: InferenceJob, labels: tuple[str, str]
+    ) -> JobResult:
+        """Submit to the model's scheduler, counted in flight meanwhile."""
         self.metrics.child(self.metrics.inflight, *labels).inc()
         try:
-            result = await served.scheduler.submit(job)
+            return await served.scheduler.submit(job)
         finally:
             self.metrics.child(self.metrics.inflight, *labels).dec()
+
+    def _record(
+        self, request: InferRequest, labels: tuple[str, str], result: JobResult, query: np.ndarray
+    ) -> None:
         elapsed = time.monotonic() - request.received
-        self._succeeded(labels, elapsed, result.queue_ns, result.compute_ns, job.batch_size)
+        self._succeeded(labels, elapsed, result.queue_ns, result.compute_ns, query.shape[0])
         if log.isEnabledFor(logging.DEBUG):  # an access log line, off at the default INFO
             log.debug(
                 "ModelInfer %s/%s query %s: %.2f ms (queue %.2f, compute %.2f, run of %d)",
-                *labels, list(job.inputs[contract.QUERY].shape), elapsed * 1e3,
+                *labels, list(query.shape), elapsed * 1e3,
                 result.queue_ns / 1e6, result.compute_ns / 1e6, result.batch_size,
             )  # fmt: skip
-        return result
 
     def _response(
         self,

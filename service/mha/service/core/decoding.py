@@ -28,6 +28,7 @@ import numpy as np
 
 from mha import contract
 from mha.service.core.padding import Merged, Shape
+from mha.service.core.scheduling import JobResult
 
 QUERY, MASK = contract.QUERY, contract.KEY_PADDING_MASK
 PAST = (contract.PAST_KEY, contract.PAST_VALUE)
@@ -69,6 +70,35 @@ def step_inputs(
     }
 
 
+def chunks(query: np.ndarray, size: int) -> list[np.ndarray]:
+    """The new rows [1, T, E] in runs of at most `size` rows (all in one for size 0).
+
+    Chunked prefill: each chunk is a step of its own over the rows before it (the step
+    graph's causal rule makes chunk after chunk equal to one run over all of them), and
+    each is queued anew, so the steps of other sequences queued meanwhile run between them.
+    """
+    tokens = query.shape[1]
+    if size <= 0 or tokens <= size:
+        return [query]
+    return [query[:, i : i + size] for i in range(0, tokens, size)]
+
+
+def joined(results: Sequence[JobResult]) -> JobResult:
+    """One request's answer from the results of its chunks, rows in order."""
+    if len(results) == 1:
+        return results[0]
+    outputs = {
+        name: np.concatenate([r.outputs[name] for r in results], axis=1)
+        for name in results[0].outputs
+    }
+    return JobResult(
+        outputs=outputs,
+        queue_ns=sum(r.queue_ns for r in results),
+        compute_ns=sum(r.compute_ns for r in results),
+        batch_size=max(r.batch_size for r in results),
+    )
+
+
 def _lengths(inputs: Mapping[str, np.ndarray]) -> tuple[int, int]:
     """(P, T) of one step job."""
     return int(inputs[contract.PAST_KEY].shape[1]), int(inputs[QUERY].shape[1])
@@ -100,8 +130,10 @@ class StepRuns:
         return Shape(B=1, L=new, S=past + new)  # S = the context the step attends
 
     def key(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> tuple:
+        """Steps of one token share runs with each other only: a prompt's chunk of T rows
+        would pad every one-token step of its run to T rows."""
         query = inputs[QUERY]
-        return (frozenset(outputs), query.dtype.str, query.shape[2:])
+        return (frozenset(outputs), query.dtype.str, query.shape[2:], query.shape[1] == 1)
 
     def fraction(self, shapes: Sequence[Shape]) -> float:
         """Padded context slots / all slots of the batch."""

@@ -14,9 +14,12 @@ Names (all labelled model, version):
   mha_model_info{provider, ...}        1, with the execution provider in use
   mha_sequence_step_duration_seconds   one step of a sequence: receive -> response
   mha_sequence_evictions_total{reason} sequences evicted: idle, stream_closed
+  mha_kv_cache_blocks{state}           KV blocks of the version's pool: in_use, or free (of its
+                                       size, what the shared budget has left) (gauge)
 Server-wide (no labels):
   mha_sequences_active                 sequences holding a KV cache (gauge)
-  mha_sequence_cache_bytes             bytes reserved by their caches (gauge)
+  mha_sequence_cache_bytes             bytes of the KV blocks their caches hold (gauge)
+  mha_sequence_cache_rows_bytes        bytes of the rows filled in those blocks (gauge)
 
 The ones every request records (requests, the durations, batch size, padding, in flight)
 are this module's own light families, read by the registry at scrape time:
@@ -244,7 +247,13 @@ class Metrics:
             "mha_sequence_evictions", "Sequences evicted", [*_LABELS, "reason"], registry=r
         )
         self.sequences_active = Gauge("mha_sequences_active", "Active sequences", registry=r)
-        self.cache_bytes = Gauge("mha_sequence_cache_bytes", "KV cache bytes reserved", registry=r)
+        self.cache_bytes = Gauge("mha_sequence_cache_bytes", "KV cache bytes held", registry=r)
+        self.cache_rows_bytes = Gauge(
+            "mha_sequence_cache_rows_bytes", "KV cache bytes of filled rows", registry=r
+        )
+        self.cache_blocks = Gauge(
+            "mha_kv_cache_blocks", "KV cache blocks", [*_LABELS, "state"], registry=r
+        )
         r.register(light)  # type: ignore[arg-type]
 
     def child(self, metric: Any, *labels: str) -> Any:

@@ -22,7 +22,7 @@ from mha.service.core.errors import NotFound, StartupError, Unavailable
 from mha.service.core.metrics import Metrics
 from mha.service.core.repository import ModelSpec
 from mha.service.core.runtime import LoadedModel
-from mha.service.core.scheduling import DirectScheduler, Runner, Scheduler
+from mha.service.core.scheduling import DirectScheduler, PromptsApart, Runner, Scheduler
 from mha.service.core.settings import Settings
 from mha.service.core.validation import Limits
 
@@ -179,12 +179,15 @@ class Loader:
         if spec.sequence is not None:
             # Continuous batching: every queued step (one per sequence) joins the next run,
             # whatever its context length (decoding.StepRuns pads and masks them).
+            # A prompt's chunks run apart (scheduling.PromptsApart), never holding the steps.
             options = dataclasses.replace(options, policy="fifo")
-            return BatchingScheduler(
+            steps = BatchingScheduler(
                 runner, options, self_attention=True, metrics=self.metrics, labels=labels,
                 executor=self.executor, inline_under_s=inline,
                 runs=MemoryRuns() if spec.sequence.is_memory else StepRuns(),
             )  # fmt: skip
+            prompts = DirectScheduler(runner, self.executor, metrics=self.metrics, labels=labels)
+            return PromptsApart(steps, prompts)
         return BatchingScheduler(
             runner, options, self_attention=spec.self_attention, metrics=self.metrics,
             labels=labels, executor=self.executor, inline_under_s=inline,

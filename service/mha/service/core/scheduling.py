@@ -42,6 +42,10 @@ class InferenceJob:
     outputs: tuple[str, ...]
     deadline: float | None = None  # time.monotonic() seconds; None = no deadline
     enqueued: float = field(default_factory=time.monotonic)
+    # Run in the executor whatever its expected time, and leave RunPlace's figure alone: a
+    # prompt's chunk, so the loop keeps serving other sequences' steps while it runs (run
+    # on the loop, a prompt's chunks would follow one another with nothing between them).
+    offload: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -139,7 +143,7 @@ class DirectScheduler:
             )
         start = time.monotonic()
         work = elements((job,))
-        inline = self._place.inline(work)
+        inline = not job.offload and self._place.inline(work)
         if inline:
             outputs = self._runner(job.inputs, job.outputs)
         else:
@@ -148,7 +152,8 @@ class DirectScheduler:
                 self._executor, self._runner, job.inputs, job.outputs
             )
         end = time.monotonic()
-        self._place.ran(end - start, work)
+        if not job.offload:
+            self._place.ran(end - start, work)
         if self._metrics is not None:
             self._metrics.batch_run(*self._labels, end - start, job.batch_size, 0.0, inline=inline)
         return JobResult(
@@ -208,3 +213,24 @@ class MergeGain:
         self.decisions += 1
         exploring = self.decisions % self.EXPLORE == 0
         return self.pays() != exploring
+
+
+class PromptsApart:
+    """A sequence model's scheduler: steps through `steps` (batched), offloaded jobs (a
+    prompt's chunks) through `prompts` (each its own executor run, DirectScheduler).
+
+    A chunk then never holds the steps' run slot: the steps of the other sequences go on
+    while it runs (in a thread of the executor, the cores shared), as with batching off,
+    and a sequence's next chunk waits for its last. So a step waits for no chunk.
+    """
+
+    def __init__(self, steps: Scheduler, prompts: Scheduler) -> None:
+        self.steps = steps
+        self.prompts = prompts
+
+    async def submit(self, job: InferenceJob) -> JobResult:
+        return await (self.prompts if job.offload else self.steps).submit(job)
+
+    async def close(self) -> None:
+        await self.steps.close()
+        await self.prompts.close()

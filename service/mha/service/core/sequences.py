@@ -1,16 +1,19 @@
 """Sequences of stateful models: each one's KV cache, held within one byte budget.
 
-A sequence is (model, version, sequence_id). Its cache is two buffers of `capacity` rows
-[capacity, E] (the projected keys and values of its tokens so far, contract.PAST_KEY /
-PAST_VALUE), of which the first `length` rows are filled: a step reads a view of them
-(no copy for a step that runs alone) and appends the step's new rows. The capacity grows
-by doubling (amortised O(1) copy per token), capped at the model's maximum context.
+A sequence is (model, version, sequence_id). Its cache is a block table
+(mha.service.core.block_tables): the projected keys and values of its tokens so far
+(contract.PAST_KEY / PAST_VALUE) in fixed-size blocks of its model version's pool, taken a
+block at a time as it grows and given back when it ends or is evicted. A step reads the
+filled rows in place (a view, no copy, while its blocks are consecutive) and appends the
+step's new rows.
 
-Memory is bounded and visible: every buffer is reserved against one server-wide budget
-before it is allocated (a new sequence or a growth that does not fit is refused with
+Memory is bounded and visible: every block is charged against one server-wide budget
+before it is used (a new sequence or a growth that does not fit is refused with
 RESOURCE_EXHAUSTED, never an out-of-memory), the number of active sequences is capped, a
 sequence idle for longer than the idle timeout is evicted (its next request is told so),
-and sequences started on a stream end with it.
+and sequences started on a stream end with it. A sequence ended while a request still
+holds it (its stream closed mid-step) keeps its blocks until that request leaves, so no
+block is handed to another sequence while a step may still read or write it.
 
 Requests of one sequence run one at a time in arrival order: each takes the sequence's
 asyncio.Lock (FIFO) before it touches the cache; a second concurrent request waits.
@@ -29,6 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mha.service.core.block_pool import BlockPool
+from mha.service.core.block_tables import (
+    DEFAULT_BLOCK_TOKENS,
+    BlockTable,
+    BlockTables,
+    CacheLayout,
+)
 from mha.service.core.errors import NotFound, OutOfRange, ResourceExhausted
 from mha.service.core.metrics import Metrics
 
@@ -36,7 +46,6 @@ log = logging.getLogger(__name__)
 
 SequenceId = int | str
 SequenceKey = tuple[str, int, SequenceId]  # model, version, sequence_id
-MIN_CAPACITY = 16  # rows a new cache starts with (a prompt longer than that gets its own size)
 REMEMBERED_EVICTIONS = 4096  # ids whose eviction the next request is told about
 
 
@@ -45,52 +54,33 @@ def describe(key: SequenceKey) -> str:
     return f"sequence {sequence_id!r} of model {model!r} version {version}"
 
 
-@dataclass(frozen=True)
-class CacheLayout:
-    """One model version's cache rows: E values of `dtype` per row, at most max_context."""
-
-    row_size: int
-    dtype: np.dtype
-    max_context: int
-
-    def nbytes(self, capacity: int) -> int:
-        """Bytes of both buffers (keys and values) for `capacity` rows."""
-        return 2 * capacity * self.row_size * self.dtype.itemsize
-
-
 @dataclass(eq=False)
 class Sequence:
-    """One active sequence: its cache buffers, filled length and turn-taking lock."""
+    """One active sequence: its block table, filled length and turn-taking lock."""
 
     key: SequenceKey
     layout: CacheLayout
-    keys: np.ndarray  # [capacity, E]
-    values: np.ndarray  # [capacity, E]
-    length: int = 0
+    table: BlockTable
     mask: np.ndarray | None = None  # a memory's key_padding_mask [S] (True = padding)
     owner: Hashable | None = None  # the stream that started it, if any
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # requests holding or waiting for the lock (never evicted meanwhile)
+    ended: bool = False  # ended while a request held it: its blocks go when that one leaves
+
+    @property
+    def length(self) -> int:
+        return self.table.length
 
     @property
     def capacity(self) -> int:
-        return int(self.keys.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.keys.nbytes + self.values.nbytes)
+        return self.table.capacity
 
     def past(self) -> tuple[np.ndarray, np.ndarray]:
-        """Views [1, length, E] of the filled rows (contiguous: rows are the leading axis)."""
-        return self.keys[None, : self.length], self.values[None, : self.length]
-
-    def append(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Append the new rows [T, E]; the caller made room for them."""
-        end = self.length + keys.shape[0]
-        self.keys[self.length : end] = keys
-        self.values[self.length : end] = values
-        self.length = end
+        """Keys and values [1, length, E] of the filled rows (views while the blocks are
+        consecutive)."""
+        keys, values = self.table.rows()
+        return keys[None], values[None]
 
 
 @dataclass(frozen=True)
@@ -106,6 +96,7 @@ class SequenceLimits:
     cache_bytes: int
     max_sequences: int
     idle_seconds: float
+    block_tokens: int = DEFAULT_BLOCK_TOKENS  # rows per KV block (--kv-block-tokens)
 
 
 class SequenceStore:
@@ -117,7 +108,11 @@ class SequenceStore:
         # Least recently used first: a sequence moves to the end whenever it is left, so the
         # idle ones are found at the front without visiting every active sequence.
         self.active: dict[SequenceKey, Sequence] = {}
-        self.used_bytes = 0
+        self.tables = BlockTables(
+            limits.cache_bytes, limits.block_tokens, memory_bytes=machine_cache_bytes(1.0)
+        )
+        if metrics is not None:
+            metrics.cache_rows_bytes.set_function(lambda: self.tables.rows_bytes)
         self._evicted: collections.OrderedDict[SequenceKey, Eviction] = collections.OrderedDict()
 
     async def enter(
@@ -144,7 +139,7 @@ class SequenceStore:
             self._leave_lock(sequence)
             return await self.enter(key, layout, start=start, owner=owner)
         if start:
-            sequence.length = 0
+            self.tables.truncate(sequence.table, 0)
             sequence.mask = None
             sequence.owner = owner
         return sequence
@@ -160,11 +155,18 @@ class SequenceStore:
         sequence.last_used = time.monotonic()
         if self.active.get(sequence.key) is sequence:
             self.active[sequence.key] = self.active.pop(sequence.key)  # now the most recent
+        elif sequence.ended and sequence.users == 0:
+            self._release(sequence)
         sequence.lock.release()
 
+    def length_of(self, key: SequenceKey) -> int:
+        """Rows the sequence holds now (0 when it is not active)."""
+        sequence = self.active.get(key)
+        return 0 if sequence is None else sequence.length
+
     def make_room(self, sequence: Sequence, tokens: int) -> None:
-        """Grow the cache so `tokens` more rows fit: OutOfRange past the maximum context,
-        ResourceExhausted when the budget cannot hold the larger buffers."""
+        """Take blocks so `tokens` more rows fit: OutOfRange past the maximum context,
+        ResourceExhausted when the budget cannot hold the blocks."""
         needed = sequence.length + tokens
         layout = sequence.layout
         if needed > layout.max_context:
@@ -174,22 +176,34 @@ class SequenceStore:
             )
         if needed <= sequence.capacity:
             return
-        capacity = min(layout.max_context, max(needed, 2 * sequence.capacity))
-        grow = layout.nbytes(capacity) - sequence.nbytes
-        self._reserve(grow, f"{describe(sequence.key)} growing to {capacity} tokens")
-        keys = np.empty((capacity, layout.row_size), layout.dtype)
-        values = np.empty_like(keys)
-        keys[: sequence.length] = sequence.keys[: sequence.length]
-        values[: sequence.length] = sequence.values[: sequence.length]
-        sequence.keys, sequence.values = keys, values
+        block = self.tables.block_tokens
+        what = f"{describe(sequence.key)} growing to {-(-needed // block) * block} tokens"
+        self.tables.grow(sequence.table, needed, what, len(self.active))
         self._changed()
 
+    def append(self, sequence: Sequence, keys: np.ndarray, values: np.ndarray) -> None:
+        """Append a step's new rows [T, E] (make_room made room for them)."""
+        self.tables.write(sequence.table, keys, values)  # rows' bytes are read at scrape time
+
+    def truncate(self, sequence: Sequence, length: int) -> None:
+        """Forget the rows past `length` (a request that failed after appending some)."""
+        self.tables.truncate(sequence.table, length)
+
     def end(self, key: SequenceKey) -> None:
-        """Free a sequence's cache (no-op if it is not active)."""
+        """Free a sequence's blocks (no-op if it is not active); if a request still holds
+        it, when that request leaves."""
         sequence = self.active.pop(key, None)
-        if sequence is not None:
-            self.used_bytes -= sequence.nbytes
+        if sequence is None:
+            return
+        sequence.ended = True
+        if sequence.users == 0:
+            self._release(sequence)
+        else:
             self._changed()
+
+    def _release(self, sequence: Sequence) -> None:
+        self.tables.release(sequence.table)
+        self._changed()
 
     def evict_idle(self, now: float | None = None) -> int:
         """Evict the sequences idle past the timeout that no request holds; return how many."""
@@ -240,28 +254,35 @@ class SequenceStore:
                 f"{describe(key)}: {len(self.active)} sequences are active, the server's "
                 f"maximum (--max-sequences {self.limits.max_sequences}); end one or retry later"
             )
-        capacity = min(layout.max_context, MIN_CAPACITY)
-        self._reserve(layout.nbytes(capacity), f"{describe(key)} starting")
-        keys = np.empty((capacity, layout.row_size), layout.dtype)
-        sequence = Sequence(key, layout, keys, np.empty_like(keys), owner=owner)
+        table = BlockTable(self._pool(key, layout))
+        self.tables.grow(table, 1, f"{describe(key)} starting", len(self.active))
+        sequence = Sequence(key, layout, table, owner=owner)
         self.active[key] = sequence
         self._evicted.pop(key, None)
         self._changed()
         return sequence
 
-    def _reserve(self, nbytes: int, what: str) -> None:
-        if self.used_bytes + nbytes > self.limits.cache_bytes:
-            raise ResourceExhausted(
-                f"{what} needs {nbytes} more cache bytes; {self.used_bytes} of the budget of "
-                f"{self.limits.cache_bytes} (--kv-cache-bytes) are in use by "
-                f"{len(self.active)} sequences; end some or retry later"
-            )
-        self.used_bytes += nbytes
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the blocks held by every sequence."""
+        return self.tables.held_bytes
+
+    def _pool(self, key: SequenceKey, layout: CacheLayout) -> BlockPool:
+        """The model version's block pool; its block gauges read it at scrape time."""
+        owner = key[:2]
+        known = owner in self.tables.pools
+        pool = self.tables.pool(owner, layout)
+        if not known and self.metrics is not None:
+            blocks = self.metrics.cache_blocks
+            labels = (key[0], str(key[1]))
+            blocks.labels(*labels, "in_use").set_function(lambda: pool.in_use)
+            blocks.labels(*labels, "free").set_function(lambda: self.tables.free_blocks(pool))
+        return pool
 
     def _changed(self) -> None:
         if self.metrics is not None:
             self.metrics.sequences_active.set(len(self.active))
-            self.metrics.cache_bytes.set(self.used_bytes)
+            self.metrics.cache_bytes.set(self.tables.held_bytes)
 
 
 def machine_cache_bytes(fraction: float = 0.25) -> int:

@@ -51,6 +51,8 @@ class Settings:
     no_compute: bool = False  # benchmark floor: decode + validate, answer zeros
     kv_cache_bytes: int | None = None  # None: a quarter of the memory limit
     max_sequences: int = 1024  # active sequences at once, over every sequence model
+    kv_block_tokens: int = 16  # rows per KV cache block (docs/performance.md, "Paged KV cache")
+    prefill_chunk_tokens: int = 64  # a longer prompt runs in chunks of this many (0 = whole)
     sequence_idle_seconds: float = 300.0  # a sequence unused this long is evicted
     max_queue_delay_ms: float = 1000.0  # refuse a request expected to wait longer (0 = off)
     max_concurrent_rpcs: int = 1024  # calls in progress at once, streams included (0 = no limit)
@@ -100,6 +102,7 @@ class Settings:
             "max_batches_in_flight": self.max_batches_in_flight,
             "kv_cache_bytes": self.kv_cache_bytes,
             "max_sequences": self.max_sequences,
+            "kv_block_tokens": self.kv_block_tokens,
         }
         for name, value in positive.items():
             if value is not None and value < 1:
@@ -111,6 +114,7 @@ class Settings:
             "max_connection_age_grace_seconds": self.max_connection_age_grace_seconds,
             "max_batch_delay_us": self.max_batch_delay_us,
             "sequence_idle_seconds": self.sequence_idle_seconds,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "max_queue_delay_ms": self.max_queue_delay_ms,
             "inline_runs_under_us": self.inline_runs_under_us or 0.0,
             "max_concurrent_rpcs": self.max_concurrent_rpcs,
@@ -192,6 +196,11 @@ SPECS: tuple[Spec, ...] = (
     Spec("kv_cache_bytes", "MHA_KV_CACHE_BYTES", int,
          "bytes all sequences' KV caches may hold (default: a quarter of the memory limit)"),
     Spec("max_sequences", "MHA_MAX_SEQUENCES", int, "active sequences at once"),
+    Spec("kv_block_tokens", "MHA_KV_BLOCK_TOKENS", int,
+         "tokens per KV cache block: sequences hold their cache in blocks of this many rows"),
+    Spec("prefill_chunk_tokens", "MHA_PREFILL_CHUNK_TOKENS", int,
+         "a request with more new tokens runs in chunks of this many, other sequences' "
+         "steps between them (0 = in one run)"),
     Spec("sequence_idle_seconds", "MHA_SEQUENCE_IDLE_SECONDS", float,
          "evict a sequence unused for this long"),
     Spec("max_queue_delay_ms", "MHA_MAX_QUEUE_DELAY_MS", float,
