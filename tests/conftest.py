@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+# One OpenMP thread for torch in the test processes and the commands they start (inherited):
+# every tensor here is tiny, so a second thread only spins, and under two xdist workers on two
+# cores it spins against the other worker (a file of exports took 30% more CPU with it).
+# Set before torch is first imported. Servers' ONNX Runtime threads come from their settings.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def export_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -79,9 +85,9 @@ def write_bert_checkpoint(path, d_model=32, heads=4, layers=2, prefix="bert."):
     return tensors
 
 
-# Files whose tests share nothing costly but the session's exports: under `--dist loadgroup`
-# (pyproject.toml) their tests spread over the workers one by one. Every other file is one
-# xdist group, so its module-scoped servers start once, in one worker.
+# Files whose tests share nothing costly but the session's exports: their tests spread over
+# the xdist workers one by one. Every other file goes to one worker whole, so its
+# module-scoped servers start once (pytest_xdist_make_scheduler below).
 SPREAD_FILES = {
     "tests/export/test_parity.py",
     "tests/export/test_memory_export.py",
@@ -90,10 +96,23 @@ SPREAD_FILES = {
 }
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduling with a file as the scope, but a test in SPREAD_FILES.
+
+    (xdist's own `--dist loadgroup` cannot do it here: under pytest 9 its groups never form.)
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return nodeid if file in SPREAD_FILES else file
+
+    return FileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip `cuda` tests without a CUDA-capable ONNX Runtime, `podman` tests without podman;
-    group each file's tests for xdist but SPREAD_FILES'."""
+    """Skip `cuda` tests without a CUDA-capable ONNX Runtime, `podman` tests without podman."""
     import shutil
 
     import onnxruntime as ort
@@ -107,6 +126,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
-        file = item.nodeid.split("::")[0]
-        if file not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(file))
