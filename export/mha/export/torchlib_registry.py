@@ -38,9 +38,9 @@ def _copy(base: Any) -> Any:
 @contextlib.contextmanager
 def reused() -> Iterator[None]:
     """Within the block, ONNXRegistry.from_torchlib hands out copies of one built registry."""
-    cls = getattr(_registration, "ONNXRegistry", None)
+    cls: Any = getattr(_registration, "ONNXRegistry", None)
     original = vars(cls).get("from_torchlib") if cls is not None else None
-    if not isinstance(original, classmethod):
+    if cls is None or not isinstance(original, classmethod):
         yield
         return
     build = original.__func__

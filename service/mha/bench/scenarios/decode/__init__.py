@@ -11,7 +11,7 @@ turns workload by workload, the order rotating per repeat (mha.bench.framework.r
   echo          the bare echo answering each message of the cached workload with prebuilt
                 zeros of a step's answer: the protocol's floor
   in-process    session.run of the step graph in this process, its own cache, 1 sequence
-Then the mixed workload (scenarios.decode_mixed) against batching on and off: sequences
+Then the mixed workload (scenarios.decode.mixed) against batching on and off: sequences
 decoding while long prompts arrive. Figures, not a test: every target is a ratio of two
 contenders (or of two figures of one) of the same run.
 """
@@ -41,7 +41,7 @@ from mha.bench.framework.sequences import (
     run_pair_scenario,
     run_sequences,
 )
-from mha.bench.scenarios import decode_floor, decode_mixed
+from mha.bench.scenarios.decode import floor, mixed
 from mha.client import SequenceStep
 from mha.contract import QUERY
 from mha.service.core import decoding
@@ -201,14 +201,12 @@ def measure(
         records.append(record(name, places[name], workload, pooled, width))
         rows[name, workload.prompt] = pooled.first_row
         report.say(line(records[-1]))
-    mixed = Workload(min(sizes.prompts), sizes.steps, decode_mixed.MIXED_SEQUENCES)
+    decoding = Workload(min(sizes.prompts), sizes.steps, mixed.MIXED_SEQUENCES)
     stepping: dict[str, Served] = {n: hows[n] for n in ("cached", "batching-off") if n in hows}
     return {
         "servers": {c: s.record() for c, s in contenders.started.items()},
         "points": sorted(records, key=lambda r: list(runners).index(r["contestant"])),
-        "mixed": decode_mixed.measure(
-            stepping, mixed, max(sizes.prompts), width, seed, sizes.repeats
-        ),
+        "mixed": mixed.measure(stepping, decoding, max(sizes.prompts), width, seed, sizes.repeats),
         "agreement": agreement(rows, ("prompt",), skip=("echo",)),
         "order": [{"contestant": n, "workload": w.label, "repeat": r} for r, n, w in order],
     }
@@ -336,8 +334,8 @@ def print_tables(document: Row) -> list[Row]:
                        r["cache_bytes"] / r["cache_rows_bytes"] if r.get("cache_bytes") else None,
                        HELD_OVER_ROWS, False)
                 for r in points if r["contestant"] == "cached"]  # fmt: skip
-    targets += decode_mixed.print_table(document.get("mixed", []))
-    text, found = decode_floor.served_vs_floor(points)
+    targets += mixed.print_table(document.get("mixed", []))
+    text, found = floor.served_vs_floor(points)
     print("\ngRPC step vs the protocol floor and the in-process ceiling\n" + text)
     agreement = (
         ("P", "prompt"),
