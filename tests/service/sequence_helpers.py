@@ -1,13 +1,16 @@
-"""Helpers of the sequence tests: the local oracle and the step check."""
+"""Helpers of the sequence tests: the local oracle, the step check, concurrent decoding."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from mha import contract
+from mha.client import AsyncClient, SequenceStep
 
 E = 64  # the test exports' d_model
 ATOL = contract.PARITY_TOLERANCE["FP32"][0]
@@ -43,3 +46,24 @@ def check_steps(oracle: FullForward, sent: list[np.ndarray], answers: list[np.nd
         tokens = np.concatenate(sent[: step + 1], axis=1)
         want = oracle(tokens)[:, -sent[step].shape[1] :]
         np.testing.assert_allclose(answer, want, rtol=0, atol=ATOL, err_msg=f"step {step}")
+
+
+def decode_concurrently(
+    url: str, model: str, plans: Mapping[int, list[np.ndarray]]
+) -> list[list[np.ndarray]]:
+    """Every plan (sequence id -> its queries, the first the prompt) stepped at once through
+    one client, each step awaited before that sequence's next; answers in plans' order."""
+
+    async def decode(client: AsyncClient, sequence_id: int) -> list[np.ndarray]:
+        answers, queries = [], plans[sequence_id]
+        for i, query in enumerate(queries):
+            step = SequenceStep(sequence_id, start=i == 0, end=i == len(queries) - 1)
+            result = await client.infer(model, {contract.QUERY: query}, sequence=step)
+            answers.append(result.outputs[contract.OUTPUT])
+        return answers
+
+    async def main() -> list[list[np.ndarray]]:
+        async with AsyncClient(url) as client:
+            return await asyncio.gather(*(decode(client, s) for s in plans))
+
+    return asyncio.run(main())

@@ -7,7 +7,6 @@ its prompt ran in one step or in chunks with other sequences' steps between them
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from harness import RunningServer, link_repository, settings_for
-from sequence_helpers import E, FullForward, check_steps, chunks
+from sequence_helpers import E, FullForward, check_steps, chunks, decode_concurrently
 
-from mha.client import AsyncClient, Client, SequenceStep
+from mha.client import Client, SequenceStep
 
 BLOCK = 4  # tokens a block: every test sequence spans many
 ROW_BYTES = 2 * E * 4  # one fp32 token's key and value rows
@@ -80,19 +79,7 @@ def test_sequences_in_a_crowded_pool_answer_as_alone(server: RunningServer, kv_r
     rng = np.random.default_rng(12)
     plans = {100 + i: chunks(rng, [int(rng.integers(1, 10)), *[1] * 6, 3]) for i in range(12)}
 
-    async def decode(client: AsyncClient, sequence_id: int) -> list[np.ndarray]:
-        answers = []
-        for i, query in enumerate(plans[sequence_id]):
-            step = SequenceStep(sequence_id, start=i == 0, end=i == len(plans[sequence_id]) - 1)
-            result = await client.infer("kv", {"query": query}, sequence=step)
-            answers.append(result.outputs["output"])
-        return answers
-
-    async def main() -> list[list[np.ndarray]]:
-        async with AsyncClient(server.url) as client:
-            return await asyncio.gather(*(decode(client, s) for s in plans))
-
-    results = asyncio.run(main())
+    results = decode_concurrently(server.url, "kv", plans)
     assert server.server.metrics.registry.get_sample_value("mha_sequence_cache_bytes") == 0
     oracle = FullForward(kv_repo / "kv" / "1")
     for sequence_id, answers in zip(plans, results, strict=True):

@@ -8,7 +8,6 @@ rows of it.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import grpc
 import numpy as np
 import pytest
 from harness import RunningServer, link_repository, settings_for
-from sequence_helpers import E, FullForward, check_steps, chunks
+from sequence_helpers import E, FullForward, check_steps, chunks, decode_concurrently
 
-from mha.client import AsyncClient, Client, ClientError, SequenceStep
+from mha.client import Client, ClientError, SequenceStep
 from mha.service.grpc import codec
 
 KV_MODELS = {
@@ -72,20 +71,10 @@ def test_interleaved_sequences_from_concurrent_clients(server, seq_repo) -> None
     rng = np.random.default_rng(3)
     plans = {1000 + i: chunks(rng, [int(rng.integers(1, 9)), *[1] * 5, 2]) for i in range(32)}
 
-    async def decode(client: AsyncClient, sequence_id: int) -> list[np.ndarray]:
-        answers = []
-        for i, query in enumerate(plans[sequence_id]):
-            step = SequenceStep(sequence_id, start=i == 0, end=i == len(plans[sequence_id]) - 1)
-            result = await client.infer("kv", {"query": query}, sequence=step)
-            answers.append(result.outputs["output"])
-        return answers
-
-    async def main() -> list[list[np.ndarray]]:
-        async with AsyncClient(server.url) as client:
-            return await asyncio.gather(*(decode(client, s) for s in plans))
-
     oracle = FullForward(seq_repo / "kv" / "1")
-    for sequence_id, answers in zip(plans, asyncio.run(main()), strict=True):
+    for sequence_id, answers in zip(
+        plans, decode_concurrently(server.url, "kv", plans), strict=True
+    ):
         check_steps(oracle, plans[sequence_id], answers)
 
 
