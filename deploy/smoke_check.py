@@ -34,39 +34,36 @@ def health(stub: health_pb2_grpc.HealthStub, service: str) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def wait(target: str, timeout_s: float) -> int:
-    """Poll until readiness is SERVING; print each service's status; 0 on success."""
+def poll(target: str, timeout_s: float, want_ready: bool, pause_s: float) -> dict[str, str] | None:
+    """Poll every health service until readiness is (want_ready) or is not SERVING; print
+    and return the statuses then, or None after timeout_s."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             statuses = {name: health(stub, name) for name in HEALTH_SERVICES}
-            if statuses["inference.GRPCInferenceService"] == "SERVING":
+            if (statuses["inference.GRPCInferenceService"] == "SERVING") == want_ready:
                 break
             if time.monotonic() > deadline:
-                print(f"not ready after {timeout_s:.0f} s: {statuses}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+                state = "not ready" if want_ready else "still ready"
+                print(f"{state} after {timeout_s:.0f} s: {statuses}", file=sys.stderr)
+                return None
+            time.sleep(pause_s)
     for name, status in statuses.items():
         print(f"health {name or '(server)'!r}: {status}")
-    return 0
+    return statuses
+
+
+def wait(target: str, timeout_s: float) -> int:
+    """Poll until readiness is SERVING; print each service's status; 0 on success."""
+    return 0 if poll(target, timeout_s, want_ready=True, pause_s=0.5) is not None else 1
 
 
 def draining(target: str, timeout_s: float) -> int:
     """Poll until readiness leaves SERVING (a drain); 0 when liveness still answers SERVING."""
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            statuses = {name: health(stub, name) for name in HEALTH_SERVICES}
-            if statuses["inference.GRPCInferenceService"] != "SERVING":
-                break
-            if time.monotonic() > deadline:
-                print(f"still ready after {timeout_s:.0f} s: {statuses}", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
-    for name, status in statuses.items():
-        print(f"health {name or '(server)'!r}: {status}")
+    statuses = poll(target, timeout_s, want_ready=False, pause_s=0.1)
+    if statuses is None:
+        return 1
     ready = statuses["inference.GRPCInferenceService"]
     return 0 if ready == "NOT_SERVING" and statuses["liveness"] == "SERVING" else 1
 
