@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service.core.scheduling import Runner
@@ -73,3 +76,18 @@ def settings_for(repository: Path, **overrides: Any) -> Settings:
         threads=2, batching=False, grace_seconds=5, max_queue_delay_ms=0,
     )  # fmt: skip
     return dataclasses.replace(base, **overrides)
+
+
+def run_client_script(
+    script: str, port: int, plan: Mapping[str, np.ndarray], folder: Path
+) -> tuple[str, dict[str, np.ndarray]]:
+    """Run a third-party client `script` (python -c) against 127.0.0.1:port in its own
+    process: argv = port, plan.npz, answers.npz. Returns its stdout and the answers it wrote."""
+    np.savez(folder / "plan.npz", **plan)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(port), str(folder / "plan.npz"),
+         str(folder / "answers.npz")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, dict(np.load(folder / "answers.npz"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import RunningServer, settings_for
+from harness import RunningServer, run_client_script, settings_for
 from hf_models import attention_module, capture, model_inputs
 
 from mha import contract
@@ -123,14 +123,7 @@ def test_tritonclient_decodes_gpt2_and_steps_bart_over_padded_memories(
     running, _ = server
     gpt2, gpt2_want = gpt2_plan(tiny_models)
     bart, bart_want = bart_plan(tiny_models)
-    np.savez(tmp_path / "plan.npz", **gpt2, **bart)
-    done = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(running.port), str(tmp_path / "plan.npz"),
-         str(tmp_path / "answers.npz")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    answers = dict(np.load(tmp_path / "answers.npz"))
+    _, answers = run_client_script(CLIENT, running.port, {**gpt2, **bart}, tmp_path)
     want = {**gpt2_want, **bart_want}
     assert sorted(answers) == sorted(want)
     atol = contract.PARITY_TOLERANCE["FP32"][0]

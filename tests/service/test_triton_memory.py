@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-from harness import RunningServer, link_repository, settings_for
+from harness import RunningServer, link_repository, run_client_script, settings_for
 
 from mha import contract
 
@@ -90,15 +88,8 @@ def test_tritonclient_steps_a_padded_memory_32_times(served, tmp_path: Path) -> 
         "key_padding_mask": mask,
         **{f"query-{s}": rng.standard_normal((1, 1, 64)).astype(np.float32) for s in range(STEPS)},
     }
-    np.savez(tmp_path / "plan.npz", **plan)
-    done = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(running.port), str(tmp_path / "plan.npz"),
-         str(tmp_path / "answers.npz")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["errors"] == []
-    answers = dict(np.load(tmp_path / "answers.npz"))
+    stdout, answers = run_client_script(CLIENT, running.port, plan, tmp_path)
+    assert json.loads(stdout)["errors"] == []
     session = ort.InferenceSession(
         str(repo / "cross" / "1" / "model.onnx"), providers=["CPUExecutionProvider"]
     )

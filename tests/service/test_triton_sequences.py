@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from harness import RunningServer, link_repository, settings_for
+from harness import RunningServer, link_repository, run_client_script, settings_for
 from sequence_helpers import FullForward, check_steps
 
 CLIENT = """
@@ -85,17 +83,10 @@ def test_tritonclient_streams_interleaved_sequences(server, tmp_path: Path) -> N
         for s in range(11, 19)
         for step, n in enumerate(sizes)
     }
-    np.savez(tmp_path / "plan.npz", **plan)
-    done = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(running.port), str(tmp_path / "plan.npz"),
-         str(tmp_path / "answers.npz")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    stdout, answers = run_client_script(CLIENT, running.port, plan, tmp_path)
+    report = json.loads(stdout)
     [bad] = report["errors"]  # only the deliberate one
     assert "NOT_FOUND: sequence 999 of model 'kv' version 1 is not active" in bad
-    answers = dict(np.load(tmp_path / "answers.npz"))
     oracle = FullForward(repo / "kv" / "1")
     for s in range(11, 19):
         sent = [plan[f"{s}-{step}"] for step in range(len(sizes))]
