@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,10 @@ def export_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
+# ExportOptions fields that say where an export goes, not what it is.
+UNKEYED = ("repository", "name")
+
+
 @pytest.fixture(scope="session")
 def exported(export_repo: Path) -> Callable[..., Path]:
     """Export (once per distinct set of options, whichever worker asks first) and return
@@ -46,10 +51,14 @@ def exported(export_repo: Path) -> Callable[..., Path]:
 
     def get(**fields: object) -> Path:
         fields = {"d_model": 64, "num_heads": 4, **fields}
-        key = json.dumps(sorted(fields.items()), default=str)
+        options = ExportOptions(repository=export_repo, **fields)  # type: ignore[arg-type]
+        # The key is every option with its default filled in, so exported() and
+        # exported(target="ort", dtype="fp32") are one export.
+        chosen = {k: v for k, v in dataclasses.asdict(options).items() if k not in UNKEYED}
+        key = json.dumps(sorted(chosen.items()), default=str)
         if key not in cache:
             name = "m" + hashlib.sha256(key.encode()).hexdigest()[:12]
-            options = ExportOptions(repository=export_repo, name=name, **fields)  # type: ignore[arg-type]
+            options = dataclasses.replace(options, name=name)
             with (export_repo / f"{name}.lock").open("w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 done = options.model_dir / "mha.json"

@@ -94,8 +94,15 @@ def test_export_from_bert_checkpoint(tmp_path, capsys, bert_checkpoint):
         (["--bert", "junk.safetensors"], ["junk.safetensors"]),
         (["--causal", "--cross"], ["causal"]),
         (["--d-model", "0"], ["d_model"]),
+        (
+            ["--attention-op", "onnx", "--dtype", "fp16", "--causal", "--attention-weights"],
+            ["misses its own fp16 parity", "Use --attention-op ort"],
+        ),
     ],
-    ids=["heads", "target", "missing", "junk", "wrong-shape", "bert-junk", "causal-cross", "d0"],
+    ids=[
+        *("heads", "target", "missing", "junk", "wrong-shape", "bert-junk", "causal-cross", "d0"),
+        "onnx-fp16-causal-weights",
+    ],
 )
 def test_bad_arguments_give_one_error_line(tmp_path, capsys, args, needles):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00not a safetensors file")

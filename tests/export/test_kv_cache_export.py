@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from mha import contract
 from mha.export import ExportOptions
 from mha.export.decode_cases import DecodeCase, RaggedCase, decoding_cases
+from mha.export.exporter import cpu_session
 from mha.export.failures import GraphNames, RuntimeFailure, ToleranceExceeded
 from mha.export.graph import StepGraph
 from mha.export.onnx_graph import fused_nodes, op_counts
@@ -46,8 +47,7 @@ def module():
 
 
 def session_of(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    path = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return cpu_session(model if isinstance(model, str) else model.SerializeToString())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from mha import contract
 from mha.export import ExportOptions
+from mha.export.exporter import cpu_session
 from mha.export.failures import FusedNodeInMemory, GraphNames, ToleranceExceeded
 from mha.export.graph import MemoryStepGraph
 from mha.export.memory_cases import MemoryCase, RaggedMemoryCase, memory_cases
@@ -48,8 +49,7 @@ def module():
 
 
 def session_of(model: onnx.ModelProto | str) -> ort.InferenceSession:
-    path = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return cpu_session(model if isinstance(model, str) else model.SerializeToString())
 
 
 def sessions_of(folder, memory: onnx.ModelProto | None = None, cross=None) -> MemorySessions:

@@ -12,6 +12,7 @@ from onnx import helper, numpy_helper
 
 from mha.export import ExportOptions
 from mha.export.cases import ParityCase, parity_cases
+from mha.export.exporter import cpu_session
 from mha.export.failures import (
     CheckerFailure,
     DtypeMismatch,
@@ -51,7 +52,7 @@ def module():
 
 
 def session_of(model: onnx.ModelProto) -> ort.InferenceSession:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return cpu_session(model.SerializeToString())
 
 
 def test_a_clean_export_has_no_failures(ort_model):

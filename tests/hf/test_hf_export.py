@@ -20,10 +20,11 @@ import torch
 from hf_models import attention_module, capture, model_inputs
 
 from mha import contract
+from mha.export.exporter import cpu_session
 
 
 def session(model_dir) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    return cpu_session(str(model_dir / "model.onnx"))
 
 
 def assert_within(got: np.ndarray, want: np.ndarray, dtype: str) -> float:

@@ -321,11 +321,11 @@ def staged_parity(
     if options.kv_cache:
         steps = decoding_cases()
         with timer.step(5, f"decoding parity vs eager PyTorch on {len(steps)} cases"):
-            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            session = cpu_session(path)
             return check_decoding(session, source.module, options.dtype, steps)
     cases = parity_cases(options.self_attention)
     with timer.step(5, f"parity vs eager PyTorch on {len(cases)} shapes"):
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        session = cpu_session(path)
         return validate.check_parity(
             session, source.module, cases, options.self_attention, options.dtype
         )
@@ -343,8 +343,16 @@ def memory_sessions(staging: Path, options: ExportOptions, source: WeightsSource
 
 
 def cpu_session(model: str | bytes) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session of a model file or serialized model."""
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime CPU session of a model file or serialized model, for the parity cases.
+
+    One thread that does not spin: the cases are small, and a pool of spinning threads only
+    burns the cores that other exports (tests, CI) run on.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 class StepTimer:

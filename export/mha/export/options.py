@@ -68,6 +68,20 @@ STEP_FEEDS = {
 TOLERANCE = {dtype: contract.PARITY_TOLERANCE[dtype.upper()][0] for dtype in ("fp32", "fp16")}
 RTOL = {dtype: contract.PARITY_TOLERANCE[dtype.upper()][1] for dtype in ("fp32", "fp16")}
 
+
+def unsupported(target: str, dtype: str, causal: bool, attention_weights: bool) -> str:
+    """Why a combination cannot pass its own parity, or "" (measured on ORT 1.32 CPU)."""
+    if (target, dtype) == ("onnx", "fp16") and causal and attention_weights:
+        return (
+            "--attention-op onnx --dtype fp16 --causal --attention-weights misses its own fp16 "
+            "parity (1.04x the bound at the default size): when the Attention node's weights "
+            "output is used, ONNX Runtime's CPU runs the node in fp16 arithmetic (in fp32 "
+            "otherwise). Use --attention-op ort (MultiHeadAttention, weights from its qk "
+            "output), --dtype fp32, or leave out --attention-weights"
+        )
+    return ""
+
+
 # Sizes of the example inputs that the graph is traced with. Parity is checked on other
 # shapes (validate.py), so a graph that specialised to these would fail there.
 EXPORT_SHAPE = {"B": 2, "L": 5, "S": 7}
@@ -137,6 +151,9 @@ class ExportOptions:
             self.check_kv_cache()
         if self.causal and not self.self_attention:
             raise ValueError("causal=True is defined for self-attention only (use --self)")
+        refusal = unsupported(self.target, self.dtype, self.causal, self.attention_weights)
+        if refusal:
+            raise ValueError(refusal)
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ValueError(f"model name {self.name!r} must be a plain folder name")
         if self.num_heads is None and self.bert is None and self.hf is None:
