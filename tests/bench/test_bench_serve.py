@@ -194,8 +194,8 @@ def test_rounds_interleave_contenders_and_pool_medians(bench_repo: Path, tmp_pat
     out = tmp_path / "out"
     command = [sys.executable, "-m", "mha.cli", "bench", "serve", "--repository", str(bench_repo),
                "--model", "tiny", "--out", str(out), "--no-plot", "--configs", "off,echo,inprocess",
-               "--workloads", "1x16", "--concurrency", "1,4", "--duration", "0.3",
-               "--warmup", "0.1", "--rounds", "3"]  # fmt: skip
+               "--workloads", "1x16", "--concurrency", "1,4", "--duration", "0.15",
+               "--warmup", "0.05", "--rounds", "3"]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     document = json.loads((out / "bench.json").read_text())

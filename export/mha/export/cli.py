@@ -190,13 +190,9 @@ def require_export_extra(command: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Export, validate, write; print progress and the parity report."""
-    require_export_extra("mha export")
-    from mha.export import report
-    from mha.export.exporter import export_model
-    from mha.export.failures import ExportValidationError
     from mha.export.repository import has_model
-    from mha.model.weights import WeightsError
 
+    # The flags are checked, and --if-missing answered, before torch is imported (seconds).
     try:
         options = options_from(args)
     except ValueError as err:
@@ -204,6 +200,12 @@ def run(args: argparse.Namespace) -> int:
     if args.if_missing and has_model(options.model_dir):
         print(f"{options.model_dir} already holds an export; nothing to do (--if-missing)")
         return 0
+    require_export_extra("mha export")
+    from mha.export import report
+    from mha.export.exporter import export_model
+    from mha.export.failures import ExportValidationError
+    from mha.model.weights import WeightsError
+
     try:
         result = export_model(options, progress=lambda m: print(m, file=sys.stderr, flush=True))
     except ExportValidationError as err:

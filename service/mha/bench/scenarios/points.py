@@ -107,7 +107,7 @@ LATENCY = Preset("latency", ("1x16", "1x128", "8x128"), (1, 4, 16), configs=WITH
 BATCHING = Preset("batching", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
 # Every contender side by side where the targets are taken: 60 points of 3.5 s.
 TARGETS = Preset("targets", Goals().shapes, (1, 16, 32), configs=WITH_ECHO, goals=Goals())
-QUICK_TIMING = Timing(duration_s=0.4, warmup_s=0.1, sweep_duration_s=0.3)
+QUICK_TIMING = Timing(duration_s=0.2, warmup_s=0.05, sweep_duration_s=0.15)
 QUICK_GOALS = Goals(
     floor_shapes=("1x16",),
     server_shapes=("1x16",),
