@@ -171,8 +171,6 @@ SIZE_FLAGS = {
 
 def require_export_extra(command: str) -> None:
     """Quiet the exporters' loggers; CliError when the export extra is not installed."""
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -185,6 +183,9 @@ def require_export_extra(command: str) -> None:
         ) from err
     from mha.export.quiet import drop_torchvision_notices
 
+    # After the imports: importing torch sets its loggers' levels, undoing any set before.
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     drop_torchvision_notices()
 
 
