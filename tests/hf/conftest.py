@@ -3,13 +3,17 @@ each built once per session."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
+# Found, not imported: importing transformers takes a second, in every xdist worker that
+# collects these files; the tests import it when they run.
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("transformers is not installed", allow_module_level=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach a hub
 
 from hf_models import write_tiny_model
