@@ -30,8 +30,8 @@ ENGINE_LOST = 3  # exit code of a frontend whose engine went away
 
 
 def identity(index: int) -> str:
-    """The ServerMetadata extension that names the frontend which answered."""
-    return f"frontend:{index}"
+    """The ServerMetadata extension that names the frontend which answered (index/pid)."""
+    return f"frontend:{index}/{os.getpid()}"
 
 
 async def connect(settings: Settings, index: int, engine_socket: Path) -> RemotePlane:

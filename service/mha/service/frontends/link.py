@@ -72,6 +72,12 @@ class Link:
             asyncio.get_running_loop().call_soon(self._flush)
         self._pending.append(encode(frame))
 
+    def send_now(self, frame: Frame) -> None:
+        """Send at once, with what is queued (in the socket before the caller goes on)."""
+        if not self.closed:
+            self._pending.append(encode(frame))
+            self._flush()
+
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
         if not self.closed and pending:

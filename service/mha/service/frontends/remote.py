@@ -133,9 +133,10 @@ class RemotePlane:
         return list(self.state["providers"])
 
     def session_closed(self, session: Hashable) -> int:
-        """A stream ended: the engine ends its sequences (the count stays in its log)."""
+        """A stream ended: the engine ends its sequences (the count stays in its log).
+        Sent at once: the frame is in the engine's socket before the client sees the end."""
         if not self.lost:
-            self.link.send({"t": "closed", "session": str(session)})
+            self.link.send_now({"t": "closed", "session": str(session)})
         return 0
 
     async def statistics(

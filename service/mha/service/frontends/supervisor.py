@@ -72,14 +72,19 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
-def _die_with_parent() -> None:
-    """SIGTERM this child when the supervisor goes (killed), so nothing is left serving."""
+def _child_signals() -> None:
+    """Undo the supervisor's signal handling in a forked child (until the child installs
+    its own, SIGTERM ends it: it has nothing to drain yet), and SIGTERM the child when the
+    supervisor goes (killed), so nothing is left serving."""
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _engine_main(settings: Settings, frontends: int, listener: socket.socket) -> None:
-    _die_with_parent()
+    _child_signals()
     from mha.service.core.errors import StartupError
     from mha.service.frontends.engine import Engine
 
@@ -92,7 +97,7 @@ def _engine_main(settings: Settings, frontends: int, listener: socket.socket) ->
 
 
 def _frontend_main(settings: Settings, index: int, engine_socket: Path) -> None:
-    _die_with_parent()
+    _child_signals()
     from mha.service.frontends import frontend
 
     raise SystemExit(asyncio.run(frontend.run(settings, index, engine_socket)))
