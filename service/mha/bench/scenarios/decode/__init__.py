@@ -46,8 +46,13 @@ from mha.client import SequenceStep
 from mha.contract import QUERY
 from mha.service.core import decoding
 
-CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process")
-SERVED = {"on": ("cached", "recompute"), "off": ("batching-off",)}  # server config -> contenders
+# cached-frontends-N: the cached decode through `mha serve --frontends N` (mha.service.frontends)
+FRONTENDS = ("cached-frontends-1", "cached-frontends-2", "cached-frontends-default")
+CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process", *FRONTENDS)
+SERVED = {  # server config -> contenders
+    "on": ("cached", "recompute"), "off": ("batching-off",),
+    **{name.removeprefix("cached-"): (name,) for name in FRONTENDS},
+}  # fmt: skip
 CACHE_VS_RECOMPUTE = 20.0  # cached tokens/s over recompute's, at the longest prompt
 BATCHING_ON_VS_OFF = 0.97  # batching on's tokens/s over off's, every point: never slower
 P99_ON_OVER_OFF = 1.1  # and its step p99 over off's
