@@ -221,14 +221,12 @@ class Contenders:
                 command[command.index("--port") + 1] = server.url.rsplit(":", 1)[1]
             print(f"starting the echo server ({index + 1}/{processes}) ...", file=sys.stderr,
                   flush=True)  # fmt: skip
-            started = self._launch(f"{name}-{index}", command, port_file, 60.0, Client.ready,
-                                   "echo")  # fmt: skip
+            named = name if index == 0 else f"{name}-{index}"
+            started = self._launch(named, command, port_file, 60.0, Client.ready, "echo")
             if server is None:
                 server = started
             else:  # stopped and measured with the first
-                server.companions.append(self.started.pop(f"{name}-{index}"))
-        assert server is not None
-        self.started[name] = self.started.pop(f"{name}-0")
+                server.companions.append(self.started.pop(named))
         assert server is not None
         server.flags = ["echo"] if processes == 1 else ["echo", f"x{processes}"]
         return server

@@ -102,7 +102,8 @@ class Engine:
         except Exception:
             log.exception("frontend %d's link failed: dropping it", index)
         finally:
-            del self.connections[index]
+            if self.connections.get(index) is connection:  # not its restarted successor's
+                del self.connections[index]
             link.close()
             log.warning("frontend %d disconnected", index)
             self.broadcast()

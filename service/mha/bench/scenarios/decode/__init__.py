@@ -128,7 +128,8 @@ FLAGS: tuple[options.Flag, ...] = (
                          help="comma-separated sequences at once (default 1,8,32)")),
     ("--recompute-sequences", dict(type=options.whole_numbers,
                                    help="the same for recompute (default 1)")),
-    ("--contestants", dict(help=f"comma-separated subset of {', '.join(CONTENDERS)}")),
+    ("--contestants", dict(help=f"comma-separated subset of {', '.join(CONTENDERS)} "
+                           f"(default: all but {', '.join(FRONTENDS)})")),
     ("--d-model", dict(type=int, help="model width (default 512)")),
 )  # fmt: skip
 
@@ -263,6 +264,8 @@ def line(r: Row) -> str:
 
 def run(args: argparse.Namespace) -> int:
     wanted = options.chosen(args.contestants, CONTENDERS, "--contestants")
+    if not args.contestants:  # the frontends' contenders when asked for by name
+        wanted = tuple(c for c in wanted if c not in FRONTENDS)
     document, sizes, pair = run_pair_scenario(
         args, models.DECODE_PAIR, QUICK if args.quick else FULL,
         lambda sizes, pair, contenders: measure(args, sizes, pair, wanted, contenders),
