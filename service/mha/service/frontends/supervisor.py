@@ -35,6 +35,7 @@ from mha.service.core import devices
 from mha.service.core.settings import Settings
 
 log = logging.getLogger(__name__)
+ENGINE_STOP_SECONDS = 10  # beyond grace: the engine finishing what the frontends sent last
 RESTARTS_PER_MINUTE = 10  # more frontend deaths than this: the server stops (a crash loop)
 PR_SET_PDEATHSIG = 1
 # Sizing (docs/performance.md, "Frontends"): measured on 2 cores, ...
@@ -244,5 +245,9 @@ class Supervisor:
         self._join_frontends()
         if self.engine.exitcode is None and self.engine.pid is not None:
             os.kill(self.engine.pid, signal.SIGTERM)
-        self.engine.join()
+        self.engine.join(self.settings.grace_seconds + ENGINE_STOP_SECONDS)
+        if self.engine.exitcode is None:  # a stuck engine does not keep the pod from restarting
+            log.error("the engine did not stop: killed")
+            self.engine.kill()
+            self.engine.join()
         return code if self.engine.exitcode == 0 else 1
