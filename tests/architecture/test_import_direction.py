@@ -37,6 +37,11 @@ RULES = (
     Rule("mha.service.core", (*TRANSPORT, "mha.service.grpc", "mha.client", "mha.bench"),
          "the core is transport-free"),
     Rule("mha.service.grpc", ("mha.client", "mha.bench"), "the server does not use its clients"),
+    Rule("mha.service.core", ("mha.service.frontends",), "the core knows no processes"),
+    *(Rule(f"mha.service.frontends.{name}", (*TRANSPORT, "mha.service.grpc", "mha.client"),
+           "the engine and the supervisor carry no protocol (the supervisor forks before "
+           "gRPC is imported)")
+      for name in ("engine", "supervisor", "link", "arena", "messages")),
     Rule("mha.client", ("mha.service.core", "mha.service.grpc.server",
                         "mha.service.grpc.servicer", "mha.service.grpc.messages", "mha.bench"),
          "the client reads only the wire codec and the tensor contract"),
@@ -115,6 +120,7 @@ def test_the_project_keeps_its_import_directions() -> None:
     found = modules()
     expected = {"mha.service.core.dataplane", "mha.service.grpc.servicer", "mha.client.core",
                 "mha.bench.scenarios.serve", "mha.export.exporter",
+                "mha.service.frontends.engine", "mha.service.frontends.supervisor",
                 "mha.model.attention"}  # fmt: skip
     assert expected <= set(found)
     assert violations(found) == []

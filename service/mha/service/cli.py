@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from mha.cli import CliError
     from mha.service.core import logs, memory
     from mha.service.core.errors import StartupError
-    from mha.service.grpc import server
+    from mha.service.frontends.supervisor import Supervisor, default_frontends
 
     try:
         settings = settings_module.from_sources(args, os.environ)
@@ -30,7 +30,12 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     if settings.freed_heap == "keep":  # process-wide, so here and not in Server
         memory.keep_freed_heap(os.environ)
+    frontends = settings.frontends or default_frontends()
     try:
+        if frontends > 1:  # forks before anything imports gRPC or ONNX Runtime
+            return Supervisor(settings, frontends).run()
+        from mha.service.grpc import server
+
         asyncio.run(server.serve(settings))
     except (StartupError, OSError) as err:
         raise CliError(str(err)) from None

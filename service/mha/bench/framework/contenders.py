@@ -32,7 +32,12 @@ CONFIG_FLAGS = {  # a served configuration -> its `mha serve` flags
     "on": ["--batching"],
     "off": ["--no-batching"],
     "floor": ["--no-batching", "--no-compute"],
+    # mha.service.frontends: N protocol processes before one engine (batching on)
+    "frontends-1": ["--batching", "--frontends", "1"],
+    "frontends-2": ["--batching", "--frontends", "2"],
+    "frontends-default": ["--batching"],  # --frontends by the CPU quota
 }
+ECHO_PROCESSES = {"echo": 1, "echo-2": 2}  # echo configs -> processes on one port
 
 
 class ServerFailed(RuntimeError):
@@ -48,14 +53,31 @@ def mha_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "mha.cli"]
 
 
-def rss_mb(pid: int | None) -> float | None:
-    """Resident memory (VmRSS) of a process, MB (10**6 bytes); None when unknown."""
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (a server with frontends is several processes)."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text() if pid is not None else ""
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
+        children = []
+    return [pid, *(p for child in children for p in _tree(int(child)))]
+
+
+def rss_mb(pid: int | None) -> float | None:
+    """Resident memory (VmRSS) of a process and its children, summed, MB (10**6 bytes);
+    None when unknown. Pages the processes share (forked ones, the frontends' arenas) count
+    once per process: an upper bound on what the server holds."""
+    if pid is None:
         return None
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)  # kB here means KiB
-    return int(match[1]) * 1024 / 1e6 if match else None
+    total = None
+    for member in _tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)  # kB here means KiB
+        if match:
+            total = (total or 0.0) + int(match[1]) * 1024 / 1e6
+    return total
 
 
 def loopback(port_file: Path) -> list[str]:
@@ -81,9 +103,12 @@ class Server:
     log_path: Path | None = None
     flags: list[str] = field(default_factory=list)
     program: str = "the server"  # what the messages call it
+    companions: list[Server] = field(default_factory=list)  # more processes on its port
 
     def rss_mb(self) -> float | None:
-        return rss_mb(self.pid)
+        figures = [rss_mb(s.pid) for s in (self, *self.companions)]
+        known = [f for f in figures if f is not None]
+        return sum(known) if known else None
 
     def metrics(self) -> str | None:
         """The /metrics text; None without an endpoint (the echo) or when it does not answer."""
@@ -104,6 +129,8 @@ class Server:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, wait, SIGKILL if it lingers; the exit status (None: not ours)."""
+        for companion in self.companions:
+            companion.stop(timeout)
         if self.process is None:
             return None
         if self.process.poll() is None:
@@ -180,14 +207,28 @@ class Contenders:
         server.flags = flags
         return server
 
-    def echo(self, version_dir: Path, name: str = "echo") -> Server:
-        """Start the echo (no /metrics, no ModelStatistics) and wait until ServerReady."""
-        port_file = Path(tempfile.mkdtemp(dir=self._files.name)) / "port"
-        command = [sys.executable, "-m", "mha.bench.framework.echo", "--model-dir",
-                   str(version_dir), *loopback(port_file)]  # fmt: skip
-        print("starting the echo server ...", file=sys.stderr, flush=True)
-        server = self._launch(name, command, port_file, 60.0, Client.ready, "echo")
-        server.flags = ["echo"]
+    def echo(self, version_dir: Path, name: str = "echo", processes: int = 1) -> Server:
+        """Start the echo (no /metrics, no ModelStatistics) and wait until ServerReady;
+        processes > 1: that many on one port (SO_REUSEPORT), the bound of as many frontends."""
+        server: Server | None = None
+        for index in range(processes):
+            port_file = Path(tempfile.mkdtemp(dir=self._files.name)) / "port"
+            command = [sys.executable, "-m", "mha.bench.framework.echo", "--model-dir",
+                       str(version_dir), *loopback(port_file)]  # fmt: skip
+            if processes > 1:
+                command.append("--reuse-port")
+            if server is not None:  # the others bind the first one's port
+                command[command.index("--port") + 1] = server.url.rsplit(":", 1)[1]
+            print(f"starting the echo server ({index + 1}/{processes}) ...", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            named = name if index == 0 else f"{name}-{index}"
+            started = self._launch(named, command, port_file, 60.0, Client.ready, "echo")
+            if server is None:
+                server = started
+            else:  # stopped and measured with the first
+                server.companions.append(self.started.pop(named))
+        assert server is not None
+        server.flags = ["echo"] if processes == 1 else ["echo", f"x{processes}"]
         return server
 
     def _launch(

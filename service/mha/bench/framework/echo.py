@@ -173,14 +173,19 @@ def handler(metadata: pb.ModelMetadataResponse, protobuf: bool = False) -> grpc.
 
 
 async def serve(
-    version_dir: Path, host: str, port: int, port_file: Path | None, protobuf: bool = False
+    version_dir: Path,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    protobuf: bool = False,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT; write the bound port to port_file once listening."""
     settings = Settings()
     if settings.freed_heap == "keep":  # as `mha serve` does by default (core.memory)
         memory.keep_freed_heap(os.environ)
     server = grpc.aio.server(
-        options=grpc_options(settings),
+        options=grpc_options(settings, reuse_port),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
     metadata = metadata_from_config(read_config(version_dir))
@@ -213,9 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="parse each request and build each response (protobuf floor)",
     )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="share the port with other echo processes (SO_REUSEPORT), as frontends do",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    asyncio.run(serve(args.model_dir, args.host, args.port, args.port_file, args.protobuf))
+    asyncio.run(
+        serve(args.model_dir, args.host, args.port, args.port_file, args.protobuf, args.reuse_port)
+    )
     return 0
 
 

@@ -53,9 +53,13 @@ class Answer:
 
 
 @contextlib.asynccontextmanager
-async def model_infer(url: str) -> AsyncIterator[Call]:
-    """ModelInfer on a fresh channel, bytes in and out; NoConnection if it cannot connect."""
-    async with grpc.aio.insecure_channel(url, options=channel_options(MAX_MESSAGE_BYTES)) as ch:
+async def model_infer(url: str, own_connection: bool = False) -> AsyncIterator[Call]:
+    """ModelInfer on a fresh channel, bytes in and out; NoConnection if it cannot connect.
+    own_connection: never shared with another channel to the url (gRPC shares by default)."""
+    options = channel_options(MAX_MESSAGE_BYTES)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    async with grpc.aio.insecure_channel(url, options=options) as ch:
         try:
             await asyncio.wait_for(ch.channel_ready(), CONNECT_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -156,6 +160,9 @@ class LoadSpec:
     timeout_s: float = 30.0
     seed: int = 0
     processes: int = 1  # load-generator processes sharing the clients or the rate
+    # closed loop: connections the clients spread over, in all (each process at least one);
+    # a server with frontends (SO_REUSEPORT) spreads connections, not calls
+    connections: int = 1
 
 
 @dataclass
@@ -211,14 +218,14 @@ class _Recorder:
                 self.progress.value += 1
 
 
-async def _closed(call: Call, spec: LoadSpec, clients: int, rec: _Recorder, rng) -> None:
-    async def client() -> None:
+async def _closed(calls: list[Call], spec: LoadSpec, clients: int, rec: _Recorder, rng) -> None:
+    async def client(call: Call) -> None:
         while rec.more(time.perf_counter()):
             if time.perf_counter() >= rec.measure_from:
                 rec.sent += 1
             await rec.send(call, rng.choice(spec.requests), time.perf_counter(), spec.timeout_s)
 
-    await asyncio.gather(*(client() for _ in range(clients)))
+    await asyncio.gather(*(client(calls[i % len(calls)]) for i in range(clients)))
 
 
 async def _open(call: Call, spec: LoadSpec, rate: float, rec: _Recorder, rng) -> None:
@@ -247,7 +254,11 @@ async def _open(call: Call, spec: LoadSpec, rate: float, rec: _Recorder, rng) ->
 
 async def _run(spec: LoadSpec, share: int, part: int, progress: Synchronized | None) -> dict:
     rng = random.Random(spec.seed * 1000 + part)
-    async with model_infer(spec.url) as call:
+    async with contextlib.AsyncExitStack() as stack:
+        count = 1 if spec.rate > 0 else max(1, min(share, -(-spec.connections // spec.processes)))
+        calls = [await stack.enter_async_context(model_infer(spec.url, count > 1))
+                 for _ in range(count)]  # fmt: skip
+        call = calls[0]
         start, cpu_start = time.perf_counter(), time.process_time()
         budget = -(-spec.max_requests // spec.processes) if spec.max_requests else 0
         measure_from = start + spec.warmup_s
@@ -255,7 +266,7 @@ async def _run(spec: LoadSpec, share: int, part: int, progress: Synchronized | N
         if spec.rate > 0:
             await _open(call, spec, spec.rate / spec.processes, rec, rng)
         else:
-            await _closed(call, spec, share, rec, rng)
+            await _closed(calls, spec, share, rec, rng)
     return {
         "cpu": time.process_time() - cpu_start,
         "answers": rec.answers,

@@ -18,8 +18,11 @@ from mha.client.inputs import Sizes, random_inputs
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.grpc import codec
 
-SERVER_CONFIGS = ("on", "off", "floor")  # the project's server, started by the bench
-STARTED_CONFIGS = (*SERVER_CONFIGS, "echo")  # echo: mha.bench.framework.echo, the bare floor
+# The project's server, started by the bench; frontends-N: --frontends N (batching on).
+SERVER_CONFIGS = ("on", "off", "floor", "frontends-1", "frontends-2", "frontends-default")
+# echo: mha.bench.framework.echo, the bare floor; echo-2: two of it on one port (the bound
+# of two frontends)
+STARTED_CONFIGS = (*SERVER_CONFIGS, "echo", "echo-2")
 CONFIGS = (*STARTED_CONFIGS, "inprocess", "external")
 _WORKLOAD = re.compile(r"^(\d+)x(\d+)(?:-(\d+))?$")
 
@@ -107,6 +110,10 @@ LATENCY = Preset("latency", ("1x16", "1x128", "8x128"), (1, 4, 16), configs=WITH
 BATCHING = Preset("batching", ("1x16", "1x128", "1x16-256"), (32,), merges=(1, 4, 8, 16, 32))
 # Every contender side by side where the targets are taken: 60 points of 3.5 s.
 TARGETS = Preset("targets", Goals().shapes, (1, 16, 32), configs=WITH_ECHO, goals=Goals())
+FRONTEND_CONFIGS = ("frontends-1", "frontends-2", "frontends-default", "echo", "echo-2",
+                    "inprocess")  # fmt: skip
+FRONTENDS = Preset("frontends", ("1x16", "8x128", "1x16-256"), (16,), configs=FRONTEND_CONFIGS,
+                   timing=Timing(duration_s=4.0, warmup_s=1.0))  # fmt: skip
 QUICK_TIMING = Timing(duration_s=0.2, warmup_s=0.05, sweep_duration_s=0.15)
 QUICK_GOALS = Goals(
     floor_shapes=("1x16",),
@@ -122,6 +129,7 @@ QUICK = (  # every configuration and code path, in seconds (the smoke test)
            goals=QUICK_GOALS),
 )  # fmt: skip
 PRESETS = {
+    "frontends": (FRONTENDS,),  # one process vs frontends before an engine (scenarios.frontends)
     "latency": (LATENCY,),
     "batching": (BATCHING,),
     "targets": (TARGETS,),

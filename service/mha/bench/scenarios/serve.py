@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from mha.bench.framework import models, options, probes, report
-from mha.bench.framework.contenders import Contenders, Server, ServerFailed
+from mha.bench.framework.contenders import ECHO_PROCESSES, Contenders, Server, ServerFailed
 from mha.bench.framework.inprocess import batches, make_session, run_inprocess
 from mha.bench.framework.rounds import schedule
 from mha.bench.framework.unary import LoadResult, LoadSpec, run_load
-from mha.bench.scenarios import bounds
+from mha.bench.scenarios import bounds, frontends
 from mha.bench.scenarios.points import (
     CONFIGS,
+    FRONTEND_CONFIGS,
     PRESETS,
     STARTED_CONFIGS,
     Point,
@@ -53,7 +54,9 @@ WHAT: tuple[options.Flag, ...] = (
     ("--version", dict(default="", help="model version (default: the latest)")),
     ("--preset", dict(choices=sorted(PRESETS), default="full",
                       help="latency, batching, targets (every contender where the targets are "
-                      "taken), full (all three, about 5.5 minutes), quick (seconds; for tests)")),
+                      "taken), full (all three, about 5.5 minutes), quick (seconds; for tests), "
+                      "frontends (--frontends 1, 2 and the default, the echo x1 and x2; "
+                      "about 1.5 minutes)")),
     ("--quick", dict(action="store_const", const="quick", dest="preset", help="= --preset quick")),
     ("--configs", dict(help=f"comma-separated subset of {', '.join(CONFIGS)}")),
 )  # fmt: skip
@@ -65,6 +68,9 @@ LOAD: tuple[options.Flag, ...] = (
     ("--warmup", dict(type=float, help="unmeasured seconds before each point")),
     ("--max-requests", dict(type=int, default=0, help="measured requests per point")),
     ("--client-procs", dict(type=int, default=1, help="load-generator processes")),
+    ("--connections", dict(type=int, help="closed loop: connections the clients spread over "
+                           "(default 1; the frontends preset: one per client, since frontends "
+                           "share connections, not calls)")),
     ("--seed", dict(type=int, default=0)),
     ("--rounds", dict(type=int, default=1,
                       help="measure every point this many times, contenders interleaved point "
@@ -110,6 +116,8 @@ def configs(args: argparse.Namespace, has_model_file: bool) -> tuple[str, ...]:
     wanted = options.chosen(args.configs, CONFIGS, "--configs")
     if not args.configs:
         wanted = default if args.url else ("on", "off", "floor", "echo", "inprocess")
+        if args.preset == "frontends" and not args.url:
+            wanted = FRONTEND_CONFIGS
     if args.url and any(c in STARTED_CONFIGS for c in wanted):
         raise CliError("--url measures an external server: --configs may be external, inprocess")
     if "inprocess" in wanted and not has_model_file:
@@ -204,8 +212,8 @@ class PlanRunner:
             self._keep_facts()
             self.contenders.stop_all()
         assert self.local is not None
-        if config == "echo":
-            server = self.contenders.echo(self.local)
+        if config in ECHO_PROCESSES:
+            server = self.contenders.echo(self.local, config, ECHO_PROCESSES[config])
         else:
             extra = []
             if config == "on" and self.args.max_batch_delay_us is not None:
@@ -231,8 +239,11 @@ class PlanRunner:
             max_requests=timing.max_requests,
             seed=self.args.seed,
             processes=self.args.client_procs,
+            connections=self.args.connections
+            or (point.concurrency if self.args.preset == "frontends" else 1),
         )
-        counted = point.config != "echo"  # the echo keeps no statistics and has no /metrics
+        # the echo keeps no statistics and has no /metrics
+        counted = point.config not in ECHO_PROCESSES
         before = self._counters(server) if counted else {}
         progress.begin(point.label, timing.warmup_s + timing.duration_s)
         record = self._record(point, run_load(spec, on_progress=progress.update))
@@ -396,6 +407,14 @@ def print_tables(document: dict[str, Any], chosen: tuple[Preset, ...]) -> list[d
         clients = by_name["batching"].concurrency[0]
         text, found = bounds.batching_report(points, by_name["batching"].workloads, clients)
         print(f"\nbatching on vs off, {clients} clients\n" + text)
+        targets += found
+    if "frontends" in by_name:
+        from mha.service.frontends.supervisor import default_frontends
+
+        count = default_frontends()
+        text, found = frontends.report(points, count)
+        print(f"\nfrontends before one engine (the default here: {count}), "
+              f"{frontends.CLIENTS} clients\n" + text)  # fmt: skip
         targets += found
     if document["servers"]:
         text, found = bounds.servers_table(document["servers"])

@@ -24,6 +24,15 @@ _ID_PREFIX = os.urandom(3).hex()
 _ID_COUNT = itertools.count(1)
 
 
+def _new_prefix() -> None:
+    """A forked process (mha.service.frontends) draws its own prefix: ids stay unique."""
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(3).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
 def new_request_id() -> str:
     """An id unique within this server's logs (prefix-count, hex)."""
     return f"{_ID_PREFIX}-{next(_ID_COUNT):x}"

@@ -30,6 +30,7 @@ class Settings:
     device: str = "auto"
     threads: int | None = None  # intra-op threads; None = from the cgroup CPU quota
     workers: int = 4  # session runs in flight at once (the bounded executor)
+    frontends: int | None = None  # protocol processes before one engine; None = by CPU quota
     max_message_bytes: int = 64 * MIB
     max_batch_size: int | None = None  # None = each model's mha.json
     max_sequence_length: int | None = None  # None = each model's mha.json
@@ -95,6 +96,7 @@ class Settings:
         positive: dict[str, int | None] = {
             "threads": self.threads,
             "workers": self.workers,
+            "frontends": self.frontends,
             "max_message_bytes": self.max_message_bytes,
             "max_batch_size": self.max_batch_size,
             "max_sequence_length": self.max_sequence_length,
@@ -165,6 +167,9 @@ SPECS: tuple[Spec, ...] = (
     Spec("device", "MHA_DEVICE", str, "execution provider policy", DEVICES),
     Spec("threads", "MHA_THREADS", int, "intra-op threads per session (default: CPU quota)"),
     Spec("workers", "MHA_WORKERS", int, "session runs in flight at once"),
+    Spec("frontends", "MHA_FRONTENDS", int,
+         "protocol processes (gRPC, TLS, parsing) in front of one engine process on the same "
+         "port; 1 = one process does all (default: by CPU quota)"),
     Spec("max_message_bytes", "MHA_MAX_MESSAGE_BYTES", int, "largest gRPC message"),
     Spec("max_batch_size", "MHA_MAX_BATCH_SIZE", int, "samples per request (default: mha.json)"),
     Spec("max_sequence_length", "MHA_MAX_SEQUENCE_LENGTH", int,

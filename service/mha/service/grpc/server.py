@@ -29,6 +29,7 @@ from mha.service.core.stats import Statistics, StatsMetrics
 from mha.service.grpc import reflection, security
 from mha.service.grpc.guard import HEALTH_SERVICE, Guard, Registrar
 from mha.service.grpc.health import Health
+from mha.service.grpc.plane import Plane
 from mha.service.grpc.reflection import INFERENCE_SERVICE
 from mha.service.grpc.servicer import CODECS, InferenceServicer
 
@@ -40,13 +41,14 @@ QUIET_LIMIT_SECONDS = 1.0
 PENDING_CALLS = 1 << 20  # gRPC core's backlog of calls not yet picked up (see grpc_options)
 
 
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments of the server: message limits, connection age."""
+def grpc_options(settings: Settings, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message limits, connection age; reuse_port for the
+    frontends of one server (mha.service.frontends), which share its port on purpose."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         # Two servers must never share a port by accident (tests bind port 0 in parallel).
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         # Calls the asyncio server has not picked up yet wait in gRPC core, which CANCELs them
         # at random past 1,000 and all past 3,000 by default: answers nobody asked for and no
         # reason given. The server's own limits (--max-concurrent-rpcs, the queues) refuse
@@ -83,7 +85,12 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 class Server:
-    """One serving process's parts; wrap_runner and before_load: see core.models.Loader."""
+    """One serving process's parts; wrap_runner and before_load: see core.models.Loader.
+
+    With `plane` given (a frontend's RemotePlane, mha.service.frontends) the server does the
+    protocol work only: the plane's owner runs the sessions, the sweeper and the metrics;
+    reuse_port lets the frontends share the port, `extensions` name the frontend.
+    """
 
     def __init__(
         self,
@@ -91,15 +98,23 @@ class Server:
         *,
         wrap_runner: Callable[[Runner], Runner] | None = None,
         before_load: Callable[[ModelSpec], None] | None = None,
+        plane: Plane | None = None,
+        reuse_port: bool = False,
+        extensions: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
+        self.reuse_port = reuse_port
         self.metrics = StatsMetrics(Statistics())
         self.executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="mha-run")
-        self.plane = DataPlane.create(
-            settings, self.executor, self.metrics, wrap_runner=wrap_runner, before_load=before_load
-        )
+        self.local: DataPlane | None = None
+        if plane is None:
+            plane = self.local = DataPlane.create(
+                settings, self.executor, self.metrics,
+                wrap_runner=wrap_runner, before_load=before_load,
+            )  # fmt: skip
+        self.plane: Plane = plane
         self.health = Health()
-        self.servicer = InferenceServicer(self.plane, self.is_ready)
+        self.servicer = InferenceServicer(self.plane, self.is_ready, extensions)
         tokens = None
         if settings.auth_token_file is not None:
             tokens = security.TokenFile(settings.auth_token_file)
@@ -125,7 +140,7 @@ class Server:
         if settings.tls_cert_file is not None:
             credentials, self.certificates = security.server_credentials(settings)
         server = grpc.aio.server(
-            options=grpc_options(settings),
+            options=grpc_options(settings, self.reuse_port),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         )
         registrar = Registrar(
@@ -160,13 +175,14 @@ class Server:
             await self._start_health_port(settings)
         if settings.port_file is not None:
             write_port_file(settings.port_file, self.port)
-        self._sweeper = asyncio.create_task(self._evict_idle_sequences(), name="sequence-sweeper")
+        if self.local is not None:
+            self._sweeper = asyncio.create_task(self._evict_idle(self.local), name="sweeper")
         self._trimming = asyncio.create_task(self._trim_when_idle(), name="memory-trimmer")
         return self.port
 
     async def _start_health_port(self, settings: Settings) -> None:
         """A plaintext server with grpc.health.v1 only: probes need no token or certificate."""
-        server = grpc.aio.server(options=grpc_options(settings))
+        server = grpc.aio.server(options=grpc_options(settings, self.reuse_port))
         registrar = Registrar(server, Guard(None))
         await self.health.attach(registrar)
         registrar.done()
@@ -179,12 +195,12 @@ class Server:
         if settings.health_port_file is not None:
             write_port_file(settings.health_port_file, self.health_port)
 
-    async def _evict_idle_sequences(self) -> None:
+    async def _evict_idle(self, plane: DataPlane) -> None:
         """Evict idle sequences even when no request comes (requests also evict on arrival)."""
         period = max(0.05, min(self.settings.sequence_idle_seconds / 2, 5.0))
         while True:
             await asyncio.sleep(period)
-            self.plane.sequences.evict_idle()
+            plane.sequences.evict_idle()
 
     async def _trim_when_idle(self) -> None:
         """Return freed heap to the system once idle after growth (core.memory)."""
@@ -232,7 +248,11 @@ class Server:
         await self.plane.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.shutdown()
-        log.info("stopped: %d requests answered, %d refused", *self.metrics.statistics.totals())
+        if self.local is not None:  # a frontend's requests are counted by its engine
+            totals = self.metrics.statistics.totals()
+            log.info("stopped: %d requests answered, %d refused", *totals)
+        else:
+            log.info("stopped")
 
     async def _quiet_then_stop(self, server: grpc.aio.Server) -> None:
         plane, grace = self.plane, self.settings.grace_seconds
@@ -248,10 +268,12 @@ class Server:
         await server.stop(max(0.0, end - time.monotonic()))
 
 
-async def serve(settings: Settings, server: Server | None = None) -> None:
-    """Run until SIGTERM/SIGINT, then drain and stop (the `mha serve` main loop)."""
+async def serve(
+    settings: Settings, server: Server | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop` is set), then drain and stop (`mha serve`)."""
     server = server or Server(settings)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

@@ -10,6 +10,7 @@ request id.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
@@ -20,10 +21,10 @@ import grpc
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from mha.service.core import logs
-from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages, wire
 from mha.service.grpc.guard import Codec, Undecodable
+from mha.service.grpc.plane import Plane
 from mha.service.grpc.streams import StreamAnswers
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,15 @@ def rpc(method: Handler) -> Handler:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """GRPCInferenceService over a DataPlane; readiness comes from the server's lifecycle."""
+    """GRPCInferenceService over a data plane; readiness comes from the server's lifecycle.
+    `extensions` are added to ServerMetadata's (a frontend's "frontend:<index>")."""
 
-    def __init__(self, plane: DataPlane, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, plane: Plane, is_ready: Callable[[], bool], extensions: tuple[str, ...] = ()
+    ) -> None:
         self.plane = plane
         self.is_ready = is_ready
+        self.extensions = extensions
 
     @rpc
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> Any:
@@ -99,9 +104,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> Any:
         devices = [f"device:{p}" for p in self.plane.providers()]
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=_version(), extensions=[*EXTENSIONS, *devices]
-        )
+        extensions = [*EXTENSIONS, *devices, *self.extensions]
+        version = _version()
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=version, extensions=extensions)
 
     @rpc
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> Any:
@@ -111,6 +116,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> Any:
         figures = self.plane.statistics(request.name, request.version)
+        if inspect.isawaitable(figures):  # a frontend's plane asks the engine
+            figures = await figures
         return pb.ModelStatisticsResponse(
             model_stats=[messages.version_statistics(spec, stats) for spec, stats in figures]
         )

@@ -22,10 +22,10 @@ from typing import Any
 
 from mha.proto import grpc_predict_v2_pb2 as pb
 from mha.service.core import logs
-from mha.service.core.dataplane import DataPlane
 from mha.service.core.errors import INTERNAL_MESSAGE, ServiceError
 from mha.service.grpc import messages
 from mha.service.grpc.guard import Undecodable
+from mha.service.grpc.plane import Plane
 from mha.service.grpc.wire import SplitRequest
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ _DONE = object()  # the request side ended and every answer is queued
 class StreamAnswers:
     """The answers of one stream; `run` yields them, `close` ends what is left."""
 
-    def __init__(self, plane: DataPlane, context: Any) -> None:
+    def __init__(self, plane: Plane, context: Any) -> None:
         self.plane = plane
         self.context = context
         self.session = f"stream-{logs.new_request_id()}"  # owner of the sequences it starts

@@ -46,8 +46,13 @@ from mha.client import SequenceStep
 from mha.contract import QUERY
 from mha.service.core import decoding
 
-CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process")
-SERVED = {"on": ("cached", "recompute"), "off": ("batching-off",)}  # server config -> contenders
+# cached-frontends-N: the cached decode through `mha serve --frontends N` (mha.service.frontends)
+FRONTENDS = ("cached-frontends-1", "cached-frontends-2", "cached-frontends-default")
+CONTENDERS = ("cached", "recompute", "batching-off", "echo", "in-process", *FRONTENDS)
+SERVED = {  # server config -> contenders
+    "on": ("cached", "recompute"), "off": ("batching-off",),
+    **{name.removeprefix("cached-"): (name,) for name in FRONTENDS},
+}  # fmt: skip
 CACHE_VS_RECOMPUTE = 20.0  # cached tokens/s over recompute's, at the longest prompt
 BATCHING_ON_VS_OFF = 0.97  # batching on's tokens/s over off's, every point: never slower
 P99_ON_OVER_OFF = 1.1  # and its step p99 over off's
@@ -123,7 +128,8 @@ FLAGS: tuple[options.Flag, ...] = (
                          help="comma-separated sequences at once (default 1,8,32)")),
     ("--recompute-sequences", dict(type=options.whole_numbers,
                                    help="the same for recompute (default 1)")),
-    ("--contestants", dict(help=f"comma-separated subset of {', '.join(CONTENDERS)}")),
+    ("--contestants", dict(help=f"comma-separated subset of {', '.join(CONTENDERS)} "
+                           f"(default: all but {', '.join(FRONTENDS)})")),
     ("--d-model", dict(type=int, help="model width (default 512)")),
 )  # fmt: skip
 
@@ -258,6 +264,8 @@ def line(r: Row) -> str:
 
 def run(args: argparse.Namespace) -> int:
     wanted = options.chosen(args.contestants, CONTENDERS, "--contestants")
+    if not args.contestants:  # the frontends' contenders when asked for by name
+        wanted = tuple(c for c in wanted if c not in FRONTENDS)
     document, sizes, pair = run_pair_scenario(
         args, models.DECODE_PAIR, QUICK if args.quick else FULL,
         lambda sizes, pair, contenders: measure(args, sizes, pair, wanted, contenders),
