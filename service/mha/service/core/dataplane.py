@@ -135,7 +135,7 @@ class DataPlane:
         return self.table.resolve(name, version)
 
     def versions(self, name: str) -> list[int]:
-        return sorted(self.table.specs[self.table.resolve(name).name])
+        return self.table.versions(name)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         spec = self.table.resolve(name, version)

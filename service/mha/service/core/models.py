@@ -68,6 +68,10 @@ class ModelTable:
             )
         return versions[int(version)]
 
+    def versions(self, name: str) -> list[int]:
+        """The versions of a model in the repository, in order; NotFound if unknown."""
+        return sorted(self.specs[self.resolve(name).name])
+
     def get(self, name: str, version: str = "") -> ServedModel:
         """The served model version; NotFound if unknown, Unavailable if not loaded yet."""
         spec = self.resolve(name, version)

@@ -123,7 +123,7 @@ class RemotePlane:
         return self.table.resolve(name, version)
 
     def versions(self, name: str) -> list[int]:
-        return sorted(self.table.specs[self.table.resolve(name).name])
+        return self.table.versions(name)
 
     def model_ready(self, name: str, version: str = "") -> bool:
         spec = self.table.resolve(name, version)
