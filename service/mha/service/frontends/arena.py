@@ -20,6 +20,11 @@ import os
 ALIGN = 64
 
 
+def slot_bytes(length: int) -> int:
+    """The bytes a slot of `length` takes: a whole number of ALIGN, at least one."""
+    return max(ALIGN, -(-length // ALIGN) * ALIGN)
+
+
 class ArenaFull(Exception):
     """No free slot is large enough now (the writer waits for one, `Arena.place`)."""
 
@@ -44,7 +49,7 @@ class Arena:
 
     def allocate(self, length: int) -> int:
         """The offset of a free slot of `length` bytes; ArenaFull when none is."""
-        need = max(ALIGN, -(-length // ALIGN) * ALIGN)
+        need = slot_bytes(length)
         for index, start in enumerate(self._starts):
             end = self._ends[start]
             if end - start >= need:
@@ -59,7 +64,7 @@ class Arena:
 
     def free(self, offset: int, length: int) -> None:
         """Give a slot back, merged with free neighbours."""
-        end = offset + max(ALIGN, -(-length // ALIGN) * ALIGN)
+        end = offset + slot_bytes(length)
         index = bisect.bisect(self._starts, offset)
         if index < len(self._starts) and self._starts[index] == end:  # merge the next run
             end = self._ends.pop(self._starts.pop(index))
