@@ -2,7 +2,7 @@
 
 The real runs drive a real `mha serve`: one as it is (it passes, memory judged on a bound
 a healthy few-second run keeps), one with a leak injected into the same server
-(mha.bench.framework.leak: it holds 80 MB more each second), which the verdict must catch,
+(mha.bench.framework.leak: it holds 40 MB more each second), which the verdict must catch,
 and one whose requests all fail.
 """
 
@@ -96,7 +96,7 @@ def test_roles_follow_each_models_mha_json(soak_repo: Path) -> None:
 def soak(repo: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """A few seconds of soak, with its own TMPDIR, so what it leaves there is seen."""
     command = [sys.executable, "-m", "mha.cli", "bench", "soak", "--repository", str(repo),
-               "--no-export", "--minutes", "0.05", "--interval", "0.2", "--warmup-seconds", "0.5",
+               "--no-export", "--minutes", "0.1", "--interval", "0.25", "--warmup-seconds", "1",
                "--concurrency", "2", "--threads", "1", "--max-rss-growth", "0.5", "--out",
                str(out), *extra]  # fmt: skip
     (out.parent / "tmp").mkdir(exist_ok=True)
@@ -127,13 +127,13 @@ def test_short_soak_drives_every_model_and_passes(soak_repo: Path, tmp_path: Pat
 
 def test_a_leak_in_the_server_fails_the_soak(soak_repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = soak(soak_repo, out, "--leak-mb-per-s", "80")
+    run = soak(soak_repo, out, "--leak-mb-per-s", "40")
     assert run.returncode == 1, run.stdout + run.stderr
     document = json.loads((out / "bench.json").read_text())
     verdict = document["verdict"]
     assert not verdict["ok"] and verdict["failures"] == 0, verdict
     assert verdict["rss"]["growth_low"] > 0.5 and verdict["rss"]["slope_mb_per_min"] > 0
-    assert document["server"]["leak_mb_per_s"] == 80
+    assert document["server"]["leak_mb_per_s"] == 40
     assert "VmRSS grew" in run.stderr
 
 
